@@ -1,0 +1,336 @@
+"""The offline pass: walk the decoder layers, calibrate, compress every linear with one method and
+write a format-v1 checkpoint.
+
+Crash safety: everything is written under ``OUTPUT.partial/``; each finished decoder layer is saved
+there (``.armor_work/layer-00012.safetensors``) so a rerun with the same options resumes after the
+last finished layer; only when the checkpoint is complete is the folder renamed to ``OUTPUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from armor_vllm.checkpoint import (
+    ShardWriter,
+    copy_side_files,
+    iter_tensors,
+    read_json,
+    write_json,
+)
+from armor_vllm.factorization import reconstruct
+from armor_vllm.format import ArmorConfig, check_layer_block_size, encode_layer
+from armor_vllm.offline import report as report_mod
+from armor_vllm.offline.layer_walk import (
+    LayerInputs,
+    StatsGroup,
+    capture_first_layer_inputs,
+    collect_layer_stats,
+    decoder_layers,
+    layer_linears,
+    run_layer,
+)
+from armor_vllm.offline.methods import InputStats, get_method
+
+ORDERS = ("sequential", "dense")
+WORK = ".armor_work"
+
+
+@dataclass
+class OfflineOptions:
+    """Everything that defines an offline run (and therefore whether a partial run can resume)."""
+
+    model: str
+    output: str
+    method: str = "armor"
+    block_size: int = 32
+    calib_samples: int = 64
+    seq_len: int = 512
+    calib_data: list[str] = field(default_factory=list)
+    order: str = "sequential"
+    seed: int = 0
+    ignore: list[str] = field(default_factory=list)
+    method_options: dict = field(default_factory=dict)
+    overwrite: bool = False
+
+    def fingerprint(self) -> str:
+        keep = {k: v for k, v in asdict(self).items() if k not in ("output", "overwrite")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _validate(opts: OfflineOptions) -> None:
+    if opts.order not in ORDERS:
+        raise ValueError(f"--order {opts.order!r} is not one of {list(ORDERS)}")
+    if opts.block_size <= 0:
+        raise ValueError(f"--block-size must be positive, got {opts.block_size}")
+
+
+def _load_model(model_dir: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{model_dir}/config.json already has a quantization_config: compress a dense model")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _calibration_samples(opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from armor_vllm.calibration import default_texts, load_texts, token_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = load_texts(opts.calib_data) if opts.calib_data else default_texts("calibration")
+    return token_samples(tokenizer, texts, opts.calib_samples, opts.seq_len)
+
+
+def _layer_file(work: Path, index: int) -> Path:
+    return work / f"layer-{index:05d}.safetensors"
+
+
+def _save_layer(work: Path, index: int, tensors: dict[str, torch.Tensor], metrics: list[dict]) -> None:
+    """Metrics first, tensors last: the tensors file appearing is what marks the layer done."""
+    write_json(work / f"layer-{index:05d}.json", {"layer": index, "matrices": metrics})
+    tmp = work / f".layer-{index:05d}.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, _layer_file(work, index))
+
+
+def _load_layer(work: Path, index: int) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    with safe_open(str(_layer_file(work, index)), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    return tensors, read_json(work / f"layer-{index:05d}.json")["matrices"]
+
+
+def _relative_proxy_loss(weight: torch.Tensor, w_hat: torch.Tensor, stats: InputStats | None) -> float | None:
+    if stats is None:
+        return None
+    from armor_vllm.offline.objective import relative_proxy_loss
+
+    return float(relative_proxy_loss(w_hat, weight, stats.channel_importance()))
+
+
+def _compress_layer(
+    index: int,
+    prefix: str,
+    layer: nn.Module,
+    groups: list[StatsGroup],
+    method,
+    out_dtype: torch.dtype,
+    block_size: int,
+) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, torch.Tensor]]:
+    """Compress the linears of one decoder layer; returns checkpoint tensors, metrics and the
+    dense reconstructions (to feed the next layer in sequential order)."""
+    linears = layer_linears(layer)
+    tensors: dict[str, torch.Tensor] = {}
+    metrics: list[dict] = []
+    rebuilt: dict[str, torch.Tensor] = {}
+    for group in groups:
+        weights = {}
+        for name in group.names:
+            d_out, d_in = linears[name].weight.shape
+            check_layer_block_size(f"{prefix}.{name}", d_out, d_in, block_size)
+            weights[name] = linears[name].weight.detach().float()
+        start = time.perf_counter()
+        results = method.compress(weights, group.stats)
+        seconds = (time.perf_counter() - start) / max(len(weights), 1)
+        for name in group.names:
+            result = results[name]
+            linear = linears[name]
+            result.layer.bias = None if linear.bias is None else linear.bias.detach()
+            tensors.update(encode_layer(f"{prefix}.{name}", result.layer, out_dtype))
+            w_hat = reconstruct(result.layer.wrapper_out, result.layer.core, result.layer.wrapper_in)
+            rebuilt[name] = w_hat
+            metrics.append(
+                {
+                    "layer": index,
+                    "name": name,
+                    "shape": list(weights[name].shape),
+                    "proxy_loss": _relative_proxy_loss(weights[name], w_hat, group.stats),
+                    "seconds": seconds,
+                    **{k: float(v) for k, v in result.metrics.items()},
+                }
+            )
+    return tensors, metrics, rebuilt
+
+
+def _set_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    linears = layer_linears(layer)
+    with torch.no_grad():
+        for name, w in weights.items():
+            linears[name].weight.copy_(w.to(linears[name].weight.dtype))
+
+
+def _rebuilt_from_tensors(prefix: str, tensors: dict[str, torch.Tensor], block_size: int, names) -> dict:
+    from armor_vllm.format import decode_layer
+
+    out = {}
+    for name in names:
+        layer = decode_layer(f"{prefix}.{name}", tensors, block_size)
+        out[name] = reconstruct(layer.wrapper_out.float(), layer.core.float(), layer.wrapper_in.float())
+    return out
+
+
+def run_offline(opts: OfflineOptions) -> dict:
+    """Run the offline pass; returns the summary (also written into the report)."""
+    from armor_vllm.models import resolve_model
+
+    _validate(opts)
+    t0 = time.perf_counter()
+    model_dir = resolve_model(opts.model)
+    output = Path(opts.output)
+    partial = output.with_name(output.name + ".partial")
+    work = partial / WORK
+    if output.exists():
+        if not opts.overwrite:
+            raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+    method_cls = get_method(opts.method)
+    method = method_cls(block_size=opts.block_size, seed=opts.seed, **opts.method_options)
+
+    fingerprint = opts.fingerprint()
+    run_file = partial / "run.json"
+    if run_file.is_file():
+        previous = read_json(run_file)
+        if previous.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{partial} holds an unfinished run with other options ({previous.get('options')}); "
+                f"rerun with those options to resume it, or delete {partial} to start again"
+            )
+        print(f"resuming the unfinished run in {partial}")
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, {"fingerprint": fingerprint, "options": asdict(opts)})
+
+    source_config = read_json(model_dir / "config.json")
+    out_dtype = getattr(torch, str(source_config.get("dtype") or source_config.get("torch_dtype") or "bfloat16"))
+    model = _load_model(model_dir)
+    layers = decoder_layers(model)
+    layer_prefix = next(n for n, m in model.named_modules() if m is layers)
+    needs_stats = method_cls.name != "magnitude"
+    calib_seconds = 0.0
+    inputs: LayerInputs | None = None
+    if needs_stats:
+        tc = time.perf_counter()
+        samples = _calibration_samples(opts, model_dir)
+        inputs = capture_first_layer_inputs(model, samples)
+        calib_seconds += time.perf_counter() - tc
+
+    all_metrics: list[dict] = []
+    progress = tqdm(range(len(layers)), desc=f"{opts.method} ({opts.order})", unit="layer")
+    for index in progress:
+        layer = layers[index]
+        prefix = f"{layer_prefix}.{index}"
+        names = list(layer_linears(layer))
+        if _layer_file(work, index).is_file():
+            tensors, metrics = _load_layer(work, index)
+            if inputs is not None:
+                if opts.order == "sequential":
+                    _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
+                inputs = run_layer(layer, inputs)
+        else:
+            if inputs is not None:
+                tc = time.perf_counter()
+                groups, dense_out = collect_layer_stats(layer, inputs, method_cls.needs_full_hessian)
+                calib_seconds += time.perf_counter() - tc
+            else:
+                groups = [StatsGroup(names=[n], stats=None) for n in names]
+                dense_out = None
+            tensors, metrics, rebuilt = _compress_layer(
+                index, prefix, layer, groups, method, out_dtype, opts.block_size
+            )
+            _save_layer(work, index, tensors, metrics)
+            if inputs is not None:
+                if opts.order == "sequential":
+                    _set_weights(layer, rebuilt)
+                    tc = time.perf_counter()
+                    inputs = run_layer(layer, inputs)
+                    calib_seconds += time.perf_counter() - tc
+                else:
+                    inputs = dense_out
+        all_metrics.extend(metrics)
+        losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
+        if losses:
+            progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+    del model, inputs
+
+    summary = _assemble(opts, model_dir, partial, work, source_config, layer_prefix, all_metrics)
+    summary["seconds_total"] = time.perf_counter() - t0
+    summary["seconds_calibration"] = calib_seconds
+    summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report_mod.write_report(partial, summary, all_metrics)
+
+    shutil.rmtree(work)
+    run_file.unlink()
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(partial, output)
+    return summary
+
+
+def _assemble(opts, model_dir, partial, work, source_config, layer_prefix, metrics) -> dict:
+    """Write shards (dense tensors of the source plus every compressed layer), config and side files."""
+    compressed_prefixes = {f"{layer_prefix}.{m['layer']}.{m['name']}" for m in metrics}
+    owned = {f"{p}.{s}" for p in compressed_prefixes for s in ("weight", "bias")}
+    writer = ShardWriter(partial)
+    total_params = 0
+    dense_linears: list[str] = []
+    for name, tensor in iter_tensors(model_dir):
+        total_params += tensor.numel()
+        if name in owned:
+            continue
+        writer.add(name, tensor)
+        if name.endswith(".weight") and tensor.dim() == 2 and not name.startswith(layer_prefix):
+            dense_linears.append(name[: -len(".weight")])
+    pruned = 0
+    wrapper_numbers = 0
+    for index in sorted({m["layer"] for m in metrics}):
+        tensors, _ = _load_layer(work, index)
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+            if name.endswith(".compressed"):
+                pruned += tensor.numel()
+            if name.endswith((".wrapper_out", ".wrapper_in")):
+                wrapper_numbers += tensor.numel()
+    shards = writer.close()
+
+    ignore = ["lm_head"] + [n for n in dense_linears if n != "lm_head" and "embed" not in n] + list(opts.ignore)
+    qcfg = ArmorConfig(
+        block_size=opts.block_size,
+        method=opts.method,
+        targets=("Linear",),
+        ignore=tuple(dict.fromkeys(ignore)),
+        global_sparsity=round(pruned / max(total_params, 1), 6),
+        extra={"producer": {"name": "armor-vllm", "order": opts.order, "calib_samples": opts.calib_samples,
+                            "seq_len": opts.seq_len, "seed": opts.seed, **opts.method_options}},
+    ).to_dict()
+    config = dict(source_config)
+    config["quantization_config"] = qcfg
+    write_json(partial / "config.json", config)
+    copy_side_files(model_dir, partial)
+    kept = pruned  # the stored values: as many as were pruned
+    losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
+    return {
+        "model": str(model_dir),
+        "output": str(opts.output),
+        "method": opts.method,
+        "order": opts.order,
+        "block_size": opts.block_size,
+        "matrices": len(metrics),
+        "shards": shards,
+        "bytes_on_disk": sum((partial / s).stat().st_size for s in shards),
+        "global_sparsity": qcfg["sparsity_config"]["global_sparsity"],
+        "wrapper_overhead": (wrapper_numbers / kept) if kept else 0.0,
+        "mean_proxy_loss": (sum(losses) / len(losses)) if losses else None,
+        "seconds_compress": sum(m["seconds"] for m in metrics),
+    }
