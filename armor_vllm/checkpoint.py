@@ -144,10 +144,10 @@ def compressed_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
     return sorted(n[: -len(suffix)] for n in tensors if n.endswith(suffix))
 
 
-def dense_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+def dense_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint with every ARMOR layer multiplied out to a dense ``weight`` (``A·S·B`` in
-    float32, then cast to the stored dtype): what transformers can load, and the reference the
-    plugin is tested against."""
+    float32, then cast to ``dtype``, by default the stored dtype): what transformers can load, and
+    the reference the plugin is tested against."""
     model_dir = Path(model_dir)
     cfg = read_armor_config(model_dir)
     tensors = load_tensors(model_dir)
@@ -157,9 +157,8 @@ def dense_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     prefixes = compressed_prefixes(tensors)
     for prefix in prefixes:
         layer = decode_layer(prefix, tensors, cfg.block_size)
-        dtype = tensors[f"{prefix}.{COMPRESSED}"].dtype
         weight = reconstruct(layer.wrapper_out.float(), layer.core.float(), layer.wrapper_in.float())
-        out[f"{prefix}.weight"] = weight.to(dtype)
+        out[f"{prefix}.weight"] = weight.to(dtype or tensors[f"{prefix}.{COMPRESSED}"].dtype)
         if layer.bias is not None:
             out[f"{prefix}.bias"] = layer.bias
     owned = {f"{p}.{s}" for p in prefixes for s in ("compressed", "bitmask", "shape", "wrapper_out", "wrapper_in", "bias")}
@@ -176,7 +175,7 @@ def load_dense_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {k: v.to(dtype) for k, v in dense_state_dict(model_dir).items()}
+    state = {k: v.to(dtype) for k, v in dense_state_dict(model_dir, dtype).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
+from armor_vllm.offline.methods.armor import Armor
 from armor_vllm.offline.methods.magnitude import Magnitude
+from armor_vllm.offline.methods.nowag import NoWag
+from armor_vllm.offline.methods.sparsegpt import SparseGPT
 from armor_vllm.offline.methods.wanda import Wanda
 
-METHODS: dict[str, type[CompressionMethod]] = {m.name: m for m in (Magnitude, Wanda)}
+METHODS: dict[str, type[CompressionMethod]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT, NoWag, Armor)}
 
 
 def get_method(name: str) -> type[CompressionMethod]:

@@ -26,10 +26,11 @@ approximates the original ``W``.
 
 Presets (``preset=``; explicit options override them):
 
-* ``quick``   -- 2 rounds of (A, B, 8 CG steps on S, one full discrete sweep): about a third of the
-  default's time, most of its gain; for smoke tests and large models on CPU.
-* ``default`` -- 5 such rounds then a final A/B/CG polish: the setting that compresses SmolLM2-135M in
-  minutes on 2 CPU cores (see ``benchmarks/optimizer_speed.py``).
+* ``quick``   -- 4 rounds of (exact A, exact B, 4 CG steps on S, one full discrete sweep), then a
+  last A/B/CG polish: about a quarter of the default's time; smoke tests, large models on CPU.
+* ``default`` -- the same with 16 rounds: SmolLM2-135M (210 linears) in about 12 minutes of optimiser
+  time on 2 CPU cores, loss still falling slowly (see ``benchmarks/optimizer_speed.py``). CG converges
+  in 2-4 steps; the discrete sweeps bring most of the gain after the first round.
 * ``paper``   -- the reference implementation's schedule as near as feasible: 3000 iterations of one
   Adam step (lr 1e-4) on ``A``, ``B`` and the kept values of ``S`` followed by one discrete step with
   one group per tile sampled with probability proportional to the L1 norm of the loss gradient on the
@@ -38,7 +39,9 @@ Presets (``preset=``; explicit options override them):
 
 Options: ``preset``, ``iterations`` (rounds, or Adam iterations for ``paper``), ``cg_steps``,
 ``sweeps`` (full discrete sweeps per round), ``lr`` (Adam), ``patience``, ``damping`` (relative
-damping of the 2x2 and block solves), ``progress`` (tqdm bar per call).
+damping of the 2x2 and block solves), ``max_seconds`` (wall-time cap per call, best iterate kept),
+``solver`` (``alternating`` or ``adam``), ``progress`` (tqdm bar per call). ``block_size`` must divide
+both dimensions of every weight and be a multiple of 4; ``seed`` fixes the sweep orders / sampling.
 """
 
 from __future__ import annotations
@@ -55,9 +58,15 @@ from armor_vllm.offline.methods.base import CompressionMethod, InputStats, Layer
 from armor_vllm.offline.methods.nowag import nowag_mask
 from armor_vllm.offline.objective import fold_normalisation, loss_scale, normalise
 
-# The 6 ways to keep 2 of 4: first and second kept position of each pattern.
+# The 6 ways to keep 2 of 4: first and second kept position of each pattern, and one-hot selectors
+# (as matmuls they are much cheaper than fancy indexing in the hot loop).
 PATTERN_FIRST = torch.tensor([0, 0, 0, 1, 1, 2])
 PATTERN_SECOND = torch.tensor([1, 2, 3, 2, 3, 3])
+_PICK_FIRST = torch.nn.functional.one_hot(PATTERN_FIRST, GROUP).T.double()  # (4, 6)
+_PICK_SECOND = torch.nn.functional.one_hot(PATTERN_SECOND, GROUP).T.double()
+_PICK_AA = torch.einsum("ip,jp->ijp", _PICK_FIRST, _PICK_FIRST).reshape(GROUP * GROUP, 6)
+_PICK_AB = torch.einsum("ip,jp->ijp", _PICK_FIRST, _PICK_SECOND).reshape(GROUP * GROUP, 6)
+_PICK_BB = torch.einsum("ip,jp->ijp", _PICK_SECOND, _PICK_SECOND).reshape(GROUP * GROUP, 6)
 
 
 @dataclass(frozen=True)
@@ -65,19 +74,20 @@ class Schedule:
     """How long and with what ARMOR optimises (see the module docstring for the presets)."""
 
     solver: str = "alternating"  # "alternating" (closed-form blocks + sweeps) or "adam" (reference)
-    iterations: int = 5
-    cg_steps: int = 8
+    iterations: int = 16
+    cg_steps: int = 4
     sweeps: int = 1
     polish: bool = True  # a last A, B, CG round after the final sweep
     lr: float = 1e-4
     patience: int = 100
     rtol: float = 1e-6
     damping: float = 1e-6
+    max_seconds: float | None = None  # wall-time limit on the optimisation (best iterate kept)
 
 
 PRESETS: dict[str, Schedule] = {
-    "quick": Schedule(iterations=2),
-    "default": Schedule(iterations=5),
+    "quick": Schedule(iterations=4),
+    "default": Schedule(iterations=16),
     "paper": Schedule(solver="adam", iterations=3000, lr=1e-4, patience=100, rtol=1e-6, damping=1e-9),
 }
 
@@ -104,23 +114,20 @@ def best_group_values(
     quad = quad.to(torch.float64)
     lin = lin.to(torch.float64)
     cur = current.to(torch.float64)
-    first, second = PATTERN_FIRST.to(quad.device), PATTERN_SECOND.to(quad.device)
-    q_aa = quad[..., first, first]
-    q_ab = quad[..., first, second]
-    q_bb = quad[..., second, second]
-    lam = damping * torch.diagonal(quad, dim1=-2, dim2=-1).sum(-1, keepdim=True) / GROUP + 1e-30
+    flat = quad.reshape(*quad.shape[:-2], GROUP * GROUP)
+    q_aa, q_ab, q_bb = flat @ _PICK_AA, flat @ _PICK_AB, flat @ _PICK_BB  # (..., 6)
+    p_a, p_b = lin @ _PICK_FIRST, lin @ _PICK_SECOND
+    lam = damping * (q_aa + q_bb).sum(-1, keepdim=True) / (3 * GROUP) + 1e-30  # damping * trace(Q) / 4
     det = (q_aa + lam) * (q_bb + lam) - q_ab * q_ab
-    p_a, p_b = lin[..., first], lin[..., second]
     s_a = -((q_bb + lam) * p_a - q_ab * p_b) / det
     s_b = -((q_aa + lam) * p_b - q_ab * p_a) / det
     value = q_aa * s_a * s_a + 2 * q_ab * s_a * s_b + q_bb * s_b * s_b + 2 * (p_a * s_a + p_b * s_b)
     value = torch.where(torch.isfinite(value), value, torch.full_like(value, float("inf")))
     best_value, best = value.min(-1)
-    current_value = torch.einsum("...i,...ij,...j->...", cur, quad, cur) + 2 * (cur * lin).sum(-1)
+    current_value = ((quad @ cur.unsqueeze(-1)).squeeze(-1) * cur).sum(-1) + 2 * (cur * lin).sum(-1)
     improve = best_value < current_value
-    new = torch.zeros_like(cur)
-    new.scatter_(-1, first[best].unsqueeze(-1), s_a.gather(-1, best.unsqueeze(-1)))
-    new.scatter_(-1, second[best].unsqueeze(-1), s_b.gather(-1, best.unsqueeze(-1)))
+    chosen = torch.nn.functional.one_hot(best, 6).to(torch.float64)
+    new = (chosen * s_a) @ _PICK_FIRST.T + (chosen * s_b) @ _PICK_SECOND.T
     new = torch.where(improve.unsqueeze(-1), new, cur)
     decrease = torch.where(improve, current_value - best_value, torch.zeros_like(best_value))
     return new.to(current.dtype), decrease
@@ -152,6 +159,7 @@ class ArmorProblem:
         self.a = identity_blocks(rows, block_size)
         self.b = identity_blocks(d_in, block_size).expand(len(targets), -1, -1, -1).clone()
         self.weighted_target = self.target * self.h
+        self.iterations_run = 0  # rounds (alternating) or Adam iterations done by ``optimise``
 
     # ---- products -------------------------------------------------------------------------
     def times_b(self, m: torch.Tensor, b: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
@@ -310,11 +318,11 @@ class ArmorProblem:
                     b_group, hb_group = b_rows[:, :, cols], hb_rows[:, :, cols]
                     quad = gb_diag[:, :, c] * gram_a[:, r, r].reshape(n_rb, 1, 1, 1)
                     old = core4[:, r, :, cols].clone()
-                    lin = torch.einsum("klgd,kld->klg", hb_group, u) - torch.einsum("klgh,klh->klg", quad, old)
+                    lin = (hb_group * u.unsqueeze(2)).sum(-1) - (quad * old.unsqueeze(2)).sum(-1)
                     new, _ = best_group_values(quad, lin, old, self.damping)
                     core4[:, r, :, cols] = new
                     mask4[:, r, :, cols] = new != 0
-                    change = torch.einsum("klg,klgd->kld", new - old, b_group)
+                    change = ((new - old).unsqueeze(-1) * b_group).sum(2)
                     pending[:, i] += change.reshape(n_rb, d_in)
             proj += torch.bmm(gram_a[:, :, rows], pending)
 
@@ -338,16 +346,17 @@ class ArmorProblem:
     def snapshot(self) -> tuple[torch.Tensor, ...]:
         return self.a.clone(), self.core.clone(), self.mask.clone(), self.b.clone()
 
-    def restore_matrices(self, state, which: list[int]) -> None:
-        """Put back the snapshot ``state`` for the matrices ``which``."""
-        a, core, mask, b = state
+    def copy_matrices(self, source, target, which: list[int]) -> None:
+        """Copy the state of the matrices ``which`` from ``source`` to ``target`` (snapshots)."""
         for m in which:
             s = self.slices[m]
             blocks = slice(s.start // self.bs, s.stop // self.bs)
-            self.a[blocks] = a[blocks]
-            self.core[s] = core[s]
-            self.mask[s] = mask[s]
-            self.b[m] = b[m]
+            for src, dst, part in zip(source, target, (blocks, s, s, m)):
+                dst[part] = src[part]
+
+    def restore_matrices(self, state, which: list[int]) -> None:
+        """Put back the snapshot ``state`` for the matrices ``which``."""
+        self.copy_matrices(state, (self.a, self.core, self.mask, self.b), which)
 
 
 def optimise(problem: ArmorProblem, schedule: Schedule, seed: int = 0, progress: bool = False, trace=None):
@@ -371,11 +380,14 @@ def optimise(problem: ArmorProblem, schedule: Schedule, seed: int = 0, progress:
     if schedule.solver == "alternating":
         rounds = tqdm(range(schedule.iterations), desc="armor", leave=False, disable=not progress)
         for _ in rounds:
+            if schedule.max_seconds is not None and time.perf_counter() - start > schedule.max_seconds:
+                break
             problem.solve_a()
             problem.solve_b()
             problem.refine_core(schedule.cg_steps)
             for _ in range(schedule.sweeps):
                 problem.sweep(problem.sweep_order(generator))
+            problem.iterations_run += 1
             losses = problem.losses()
             keep_best(losses)
             if trace is not None:
@@ -388,15 +400,16 @@ def optimise(problem: ArmorProblem, schedule: Schedule, seed: int = 0, progress:
             if trace is not None:
                 trace.append((time.perf_counter() - start, problem.losses().tolist()))
     elif schedule.solver == "adam":
-        _optimise_adam(problem, schedule, generator, start, keep_best, progress, trace)
+        best_loss = _optimise_adam(problem, schedule, generator, start, best_loss, best, progress, trace)
     else:
         raise ValueError(f"unknown ARMOR solver {schedule.solver!r}")
     return best_loss
 
 
-def _optimise_adam(problem, schedule, generator, start, keep_best, progress, trace, log_every=25):
+def _optimise_adam(problem, schedule, generator, start, best_loss, best, progress, trace, log_every=25):
     """The reference schedule: per iteration one Adam step on A, B, kept S values, one sampled
-    discrete step; early stop on ``patience`` iterations without relative improvement ``rtol``."""
+    discrete step; early stop on ``patience`` iterations without relative improvement ``rtol``.
+    Ends with the best iterate of every matrix in ``problem``; returns their losses."""
     a = problem.a.clone().requires_grad_(True)
     b = problem.b.clone().requires_grad_(True)
     core = problem.core.clone().requires_grad_(True)
@@ -405,7 +418,10 @@ def _optimise_adam(problem, schedule, generator, start, keep_best, progress, tra
     patience = schedule.patience
     bar = tqdm(range(schedule.iterations), desc="armor-adam", leave=False, disable=not progress)
     for it in bar:
+        if schedule.max_seconds is not None and time.perf_counter() - start > schedule.max_seconds:
+            break
         optimizer.zero_grad()
+        problem.iterations_run += 1
         problem.adam_loss(a, core, b).backward()
         optimizer.step()
         with torch.no_grad():
@@ -413,6 +429,10 @@ def _optimise_adam(problem, schedule, generator, start, keep_best, progress, tra
             problem.sampled_step(generator)
             core.copy_(problem.core)  # the discrete step rewrites values and mask
             losses = problem.losses()
+            improved = [m for m in range(len(problem.slices)) if losses[m] < best_loss[m]]
+            if improved:  # remember the best iterate of each matrix (Adam is not monotone)
+                problem.copy_matrices(problem.snapshot(), best, improved)
+                best_loss[improved] = losses[improved]
             current = float(losses.sum())
             if current > (1 - schedule.rtol) * previous:
                 patience -= 1
@@ -421,11 +441,13 @@ def _optimise_adam(problem, schedule, generator, start, keep_best, progress, tra
             else:
                 patience = schedule.patience
             previous = current
-            if trace is not None and (it % log_every == log_every - 1):
+            if trace is not None and (it % log_every == log_every - 1 or it < 10):
                 trace.append((time.perf_counter() - start, losses.tolist()))
-    with torch.no_grad():
-        problem.a, problem.b, problem.core = a.detach().clone(), b.detach().clone(), (core * problem.mask).detach()
-        keep_best(problem.losses())
+    problem.restore_matrices(best, list(range(len(problem.slices))))
+    losses = problem.losses()
+    if trace is not None:
+        trace.append((time.perf_counter() - start, losses.tolist()))
+    return losses
 
 
 class Armor(CompressionMethod):
@@ -435,12 +457,12 @@ class Armor(CompressionMethod):
     def compress(self, weights: dict[str, torch.Tensor], stats: InputStats) -> dict[str, LayerResult]:
         schedule = schedule_from_options(self.options)
         names = list(weights)
+        if self.block_size % GROUP:
+            raise ValueError(f"block size {self.block_size} must be a multiple of {GROUP} for 2:4 groups")
         for name in names:
             d_out, d_in = weights[name].shape
             check_block_size(d_out, self.block_size, what=f"output dimension of {name} ({d_out}x{d_in})")
             check_block_size(d_in, self.block_size, what=f"input dimension of {name} ({d_out}x{d_in})")
-            if self.block_size % GROUP:
-                raise ValueError(f"block size {self.block_size} must be a multiple of {GROUP} for 2:4 groups")
         h = stats.channel_importance()
         results: dict[str, LayerResult] = {}
         # Stack the matrices of equal d_in (all of them, as they share the stats).
@@ -457,6 +479,11 @@ class Armor(CompressionMethod):
             layer = ArmorLayer(a_blocks.contiguous(), problem.core[s].contiguous(), b_blocks.contiguous())
             results[name] = LayerResult(
                 layer,
-                {"loss_start": float(loss_start[m]), "loss_end": float(loss_end[m]), "seconds": seconds},
+                {
+                    "loss_start": float(loss_start[m]),
+                    "loss_end": float(loss_end[m]),
+                    "iterations": problem.iterations_run,
+                    "seconds": seconds,  # of the whole call (all matrices optimised together)
+                },
             )
         return results

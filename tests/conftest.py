@@ -1,0 +1,78 @@
+"""Shared fixtures: the embedded default model, a tiny random Llama (fast pipeline tests) and a
+runner that executes vLLM in a child process (vLLM spawns workers; a child keeps pytest clean)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_RUNNER = ROOT / "tests" / "vllm_runner.py"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    from armor_vllm.models import default_model_dir as resolve
+
+    return resolve()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A 2-layer Llama with random weights (hidden 64) and the default model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from armor_vllm.checkpoint import copy_side_files
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    copy_side_files(default_model_dir, out)
+    return out
+
+
+def run_vllm(model_dir: Path, request: dict, env: dict | None = None, timeout: int = 900) -> dict:
+    """Run tests/vllm_runner.py in a child process and return its JSON answer."""
+    out = Path(request.setdefault("out", str(Path(model_dir).parent / f"vllm-{os.getpid()}-{id(request)}.json")))
+    proc = subprocess.run(
+        [sys.executable, str(VLLM_RUNNER), str(model_dir), json.dumps(request)],
+        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        raise RuntimeError(f"vLLM runner failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def armor_checkpoint(tmp_path_factory, default_model_dir):
+    """The embedded model pruned with Wanda (small calibration), its identity wrappers then replaced
+    by random non-identity blocks: a valid checkpoint whose every part does real work."""
+    from safetensors.torch import save_file
+
+    from armor_vllm.checkpoint import load_tensors, shard_files
+    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+    out = tmp_path_factory.mktemp("ckpt") / "wanda-wrapped"
+    run_offline(OfflineOptions(model=str(default_model_dir), output=str(out), method="wanda",
+                               calib_samples=8, seq_len=128))
+    (path,) = shard_files(out)
+    tensors = load_tensors(out)
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if name.endswith((".wrapper_out", ".wrapper_in")):
+            tensors[name] = (t + 0.02 * torch.randn(t.shape, generator=gen)).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
