@@ -27,7 +27,6 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
-from vllm.platforms import current_platform
 
 from armor_vllm.format import (
     BITMASK,
@@ -40,21 +39,18 @@ from armor_vllm.format import (
     ArmorFormatError,
     decompress_core,
 )
-from armor_vllm.kernels import CPU_KERNELS, ArmorShards
+from armor_vllm.kernels import CPU_KERNELS, CUDA_KERNELS, ArmorShards, select_kernel
 
 KERNEL_ENV = "ARMOR_VLLM_KERNEL"
-DEFAULT_CPU_KERNEL = "folded"  # measured faster than factored on CPU (see BENCHMARKS.md)
+# "auto" means: on CPU the folded kernel (measured faster than factored, see BENCHMARKS.md); on
+# CUDA the fastest of cuSPARSELt / CUTLASS / dense measured at load (armor_vllm.kernels.cuda).
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
 
 
 def selected_kernel() -> str:
     """The execution mode from ``$ARMOR_VLLM_KERNEL``, validated against the known names."""
     mode = os.environ.get(KERNEL_ENV, "auto").strip().lower()
-    known = {"auto", *CPU_KERNELS}
-    if current_platform.is_cuda_alike():
-        from armor_vllm.kernels import CUDA_KERNELS
-
-        known |= set(CUDA_KERNELS)
+    known = {"auto", *CPU_KERNELS, *CUDA_KERNELS}
     if mode not in known:
         raise ValueError(f"${KERNEL_ENV}={mode!r} is not one of {sorted(known)}")
     return mode
@@ -295,14 +291,7 @@ class ArmorLinearMethod(LinearMethodBase):
         self._prepare(layer, shards, layer.armor_params_dtype)
 
     def _prepare(self, layer, shards: ArmorShards, dtype: torch.dtype) -> None:
-        mode = self.config.kernel
-        on_cuda = shards.wrapper_out.is_cuda
-        if on_cuda:
-            from armor_vllm.kernels import select_kernel
-
-            self.kernel = select_kernel(mode, shards.wrapper_out.device)
-        else:
-            self.kernel = CPU_KERNELS[DEFAULT_CPU_KERNEL if mode == "auto" else mode]()
+        self.kernel = select_kernel(self.config.kernel, shards.wrapper_out.device)
         tensors = self.kernel.prepare(shards, dtype)
         if self.kernel.name == "folded":
             # The folded weight is an ordinary dense weight: run it through vLLM's own dense GEMM

@@ -76,3 +76,46 @@ def armor_checkpoint(tmp_path_factory, default_model_dir):
             tensors[name] = (t + 0.02 * torch.randn(t.shape, generator=gen)).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
     return out
+
+
+def _perturb_wrappers(out: Path, seed: int = 0, scale: float = 0.02) -> None:
+    """Replace a checkpoint's wrappers ``A``/``B`` by ``A + scale·noise`` (non-identity blocks)."""
+    from safetensors.torch import save_file
+
+    from armor_vllm.checkpoint import load_tensors, shard_files
+
+    (path,) = shard_files(out)
+    tensors = load_tensors(out)
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if name.endswith((".wrapper_out", ".wrapper_in")):
+            tensors[name] = (t + scale * torch.randn(t.shape, generator=gen)).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def tp_checkpoint(tmp_path_factory, default_model_dir) -> Path:
+    """A random 2-layer Llama whose heads split over 2 ranks (hidden 256, 4 heads, 2 kv heads,
+    intermediate 512; the embedded model's 9 heads do not), pruned with Wanda at block size 32 and
+    given random non-identity wrappers. At TP=2 every per-rank partition (q 128, k/v 64, o_proj and
+    down_proj inputs 128/256, gate/up 256) is a multiple of 32, and each rank's blocks differ."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from armor_vllm.checkpoint import copy_side_files
+    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+    dense = tmp_path_factory.mktemp("tp-llama") / "dense"
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+        initializer_range=0.1,  # larger than the default 0.02: peaked logits, a stable greedy argmax
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(dense)
+    copy_side_files(default_model_dir, dense)
+    out = dense.parent / "wanda-wrapped"
+    run_offline(OfflineOptions(model=str(dense), output=str(out), method="wanda", block_size=32,
+                               calib_samples=4, seq_len=64))
+    _perturb_wrappers(out, seed=1, scale=0.05)
+    return out

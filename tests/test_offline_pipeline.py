@@ -116,3 +116,25 @@ def test_recipe_files_in_offline_parse():
     assert recipes, "offline/ holds the recipes"
     for recipe in recipes:
         assert load_recipe(str(recipe))["method"]
+
+
+def test_layer_stream_matches_the_full_model(tiny_model_dir):
+    """Streaming one layer at a time computes what transformers computes with the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_vllm.offline.layer_walk import capture_first_layer_inputs, run_layer
+    from armor_vllm.offline.streaming import LayerStream
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expect = full(input_ids=ids[:1], output_hidden_states=True).hidden_states[1]  # after layer 0
+
+    stream = LayerStream(tiny_model_dir)
+    assert all(p.is_meta for p in stream.layers.parameters())  # nothing of the layers read yet
+    inputs = capture_first_layer_inputs(stream.model, ids)
+    layer = stream.load_layer(0)
+    out = run_layer(layer, inputs)
+    stream.release_layer(0)
+    assert all(p.is_meta for p in stream.layers[0].parameters())
+    torch.testing.assert_close(out.hidden[0], expect, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,10 @@
 """The offline pass: walk the decoder layers, calibrate, compress every linear with one method and
 write a format-v1 checkpoint.
 
+Memory: weights are streamed from the safetensors shards one decoder layer at a time
+(``streaming.LayerStream``), calibration activations are kept for one layer at a time, and output
+shards are written as they fill.
+
 Crash safety: everything is written under ``OUTPUT.partial/``; each finished decoder layer is saved
 there (``.armor_work/layer-00012.safetensors``) so a rerun with the same options resumes after the
 last finished layer; only when the checkpoint is complete is the folder renamed to ``OUTPUT``.
@@ -38,11 +42,11 @@ from armor_vllm.offline.layer_walk import (
     StatsGroup,
     capture_first_layer_inputs,
     collect_layer_stats,
-    decoder_layers,
     layer_linears,
     run_layer,
 )
 from armor_vllm.offline.methods import InputStats, get_method
+from armor_vllm.offline.streaming import LayerStream
 
 ORDERS = ("sequential", "dense")
 WORK = ".armor_work"
@@ -75,15 +79,6 @@ def _validate(opts: OfflineOptions) -> None:
         raise ValueError(f"--order {opts.order!r} is not one of {list(ORDERS)}")
     if opts.block_size <= 0:
         raise ValueError(f"--block-size must be positive, got {opts.block_size}")
-
-
-def _load_model(model_dir: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{model_dir}/config.json already has a quantization_config: compress a dense model")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def _calibration_samples(opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
@@ -214,9 +209,8 @@ def run_offline(opts: OfflineOptions) -> dict:
 
     source_config = read_json(model_dir / "config.json")
     out_dtype = getattr(torch, str(source_config.get("dtype") or source_config.get("torch_dtype") or "bfloat16"))
-    model = _load_model(model_dir)
-    layers = decoder_layers(model)
-    layer_prefix = next(n for n, m in model.named_modules() if m is layers)
+    stream = LayerStream(model_dir, dtype=torch.float32)
+    model, layers, layer_prefix = stream.model, stream.layers, stream.layer_prefix
     needs_stats = method_cls.name != "magnitude"
     calib_seconds = 0.0
     inputs: LayerInputs | None = None
@@ -229,7 +223,7 @@ def run_offline(opts: OfflineOptions) -> dict:
     all_metrics: list[dict] = []
     progress = tqdm(range(len(layers)), desc=f"{opts.method} ({opts.order})", unit="layer")
     for index in progress:
-        layer = layers[index]
+        layer = stream.load_layer(index)
         prefix = f"{layer_prefix}.{index}"
         names = list(layer_linears(layer))
         if _layer_file(work, index).is_file():
@@ -258,11 +252,12 @@ def run_offline(opts: OfflineOptions) -> dict:
                     calib_seconds += time.perf_counter() - tc
                 else:
                     inputs = dense_out
+        stream.release_layer(index)
         all_metrics.extend(metrics)
         losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
         if losses:
             progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-    del model, inputs
+    del model, inputs, stream
 
     summary = _assemble(opts, model_dir, partial, work, source_config, layer_prefix, all_metrics)
     summary["seconds_total"] = time.perf_counter() - t0

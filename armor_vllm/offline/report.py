@@ -45,7 +45,7 @@ def plot_losses(path: Path, runs: dict[str, list[dict]], title: str = "") -> boo
                 continue
             layers = sorted(by_layer)
             line = ax.plot(layers, [by_layer[i]["proxy_loss"] for i in layers], label=label)[0]
-            if all("loss_start" in by_layer[i] for i in layers) and label == "armor":
+            if all("loss_start" in by_layer[i] for i in layers) and label.startswith("armor"):
                 ax.plot(layers, [by_layer[i]["loss_start"] for i in layers], "--",
                         color=line.get_color(), alpha=0.6, label=f"{label} start (NoWag-P)")
         ax.set_title(name.split(".")[-1])

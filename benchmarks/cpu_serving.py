@@ -1,0 +1,112 @@
+"""CPU serving benchmark: vLLM on the dense model and on a compressed checkpoint with each CPU kernel
+(``folded``, ``factored``), same prompts: output tokens/s of a batch, time to first token of a
+single request, and the checkpoint size on disk. Each configuration runs in its own process (a
+fresh engine); results go to a JSON file and a markdown table.
+
+    python benchmarks/cpu_serving.py --armor out/bench/armor-default --out benchmarks/results/cpu_serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def worker(model_dir: str, batch: int, prompt_len: int, out_len: int, ttft_reps: int) -> dict:
+    from vllm import SamplingParams, TokensPrompt
+
+    from armor_vllm.calibration import default_texts, token_stream
+    from armor_vllm.eval import make_llm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    stream = token_stream(tok, default_texts("evaluation"))
+    prompts = [TokensPrompt(prompt_token_ids=stream[i * prompt_len:(i + 1) * prompt_len].tolist()) for i in range(batch)]
+    t = time.perf_counter()
+    llm = make_llm(model_dir, dtype="bfloat16", max_model_len=prompt_len + out_len + 16, enable_prefix_caching=False)
+    load_s = time.perf_counter() - t
+    gen = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], gen, use_tqdm=False)  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, gen, use_tqdm=False)
+    wall = time.perf_counter() - t
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    first = SamplingParams(max_tokens=1, temperature=0.0)
+    ttfts = []
+    for i in range(ttft_reps):
+        t = time.perf_counter()
+        llm.generate([prompts[i % batch]], first, use_tqdm=False)
+        ttfts.append(time.perf_counter() - t)
+    single = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    llm.generate([prompts[0]], single, use_tqdm=False)
+    single_wall = time.perf_counter() - t
+    return {
+        "load_seconds": load_s,
+        "output_tokens_per_s": n_out / wall,
+        "batch_wall_seconds": wall,
+        "ttft_ms_median": 1000 * statistics.median(ttfts),
+        "single_request_tokens_per_s": out_len / single_wall,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--armor", required=True, help="compressed checkpoint directory")
+    p.add_argument("--dense", default=None, help="dense model directory (default: the embedded model)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--out-len", type=int, default=64)
+    p.add_argument("--ttft-reps", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results/cpu_serving.json")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        result = worker(args.worker[0], args.batch, args.prompt_len, args.out_len, args.ttft_reps)
+        Path(args.worker[1]).write_text(json.dumps(result))
+        return 0
+
+    from armor_vllm.models import default_model_dir
+
+    dense = args.dense or str(default_model_dir())
+    configs = [("dense", dense, None), ("armor folded", args.armor, "folded"), ("armor factored", args.armor, "factored")]
+    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+               "batch": args.batch, "prompt_len": args.prompt_len, "out_len": args.out_len, "runs": {}}
+    for name, model, kernel in configs:
+        tmp = Path(args.out).with_suffix(f".{name.replace(' ', '_')}.tmp.json")
+        env = {**os.environ, **({"ARMOR_VLLM_KERNEL": kernel} if kernel else {})}
+        cmd = [sys.executable, __file__, "--armor", args.armor, "--batch", str(args.batch), "--prompt-len",
+               str(args.prompt_len), "--out-len", str(args.out_len), "--ttft-reps", str(args.ttft_reps),
+               "--worker", model, str(tmp)]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results["runs"][name] = {**json.loads(tmp.read_text()), "checkpoint_mib": dir_bytes(Path(model)) / 2**20}
+        tmp.unlink()
+        print(name, results["runs"][name], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    dense_tps = results["runs"]["dense"]["output_tokens_per_s"]
+    print("| config | output tok/s (batch) | vs dense | single-request tok/s | TTFT (ms, median) | checkpoint (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results["runs"].items():
+        print(f"| {name} | {r['output_tokens_per_s']:.1f} | {r['output_tokens_per_s'] / dense_tps:.2f}x | "
+              f"{r['single_request_tokens_per_s']:.1f} | {r['ttft_ms_median']:.0f} | {r['checkpoint_mib']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
