@@ -36,7 +36,7 @@ class VllmServer:
 
     def __init__(self, model_dir: str | Path, port: int | None = None, extra_args: tuple[str, ...] = CPU_DEFAULT_ARGS,
                  log_path: str | Path | None = None, startup_timeout: float = 600.0, env: dict | None = None,
-                 served_name: str = "armor"):
+                 served_name: str = "armor", quantization: str | None = "armor"):
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.extra_args = list(extra_args)
@@ -44,6 +44,7 @@ class VllmServer:
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **(env or {})}
         self.served_name = served_name
+        self.quantization = quantization  # None for a dense model (vLLM refuses armor without its config)
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -53,7 +54,8 @@ class VllmServer:
 
     @property
     def command(self) -> list[str]:
-        return [*vllm_command(), "serve", self.model_dir, "--quantization", "armor", "--host", HOST,
+        quant = ["--quantization", self.quantization] if self.quantization else []
+        return [*vllm_command(), "serve", self.model_dir, *quant, "--host", HOST,
                 "--port", str(self.port), "--served-model-name", self.served_name, *self.extra_args]
 
     def start(self) -> "VllmServer":

@@ -19,6 +19,7 @@ import torch
 from torch.nn import Parameter
 
 from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
     LinearBase,
     LinearMethodBase,
     RowParallelLinear,
@@ -196,10 +197,13 @@ class ArmorLinearMethod(LinearMethodBase):
         offset, rows = sum(sizes[:idx]), sizes[idx]
         cols = param.shape[1] * 2 if tensor_name == COMPRESSED else None
         tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+        # Only column- and row-parallel layers are split; a ReplicatedLinear also carries the world's
+        # tp_rank/tp_size but holds the whole weight on every rank.
         row_parallel = isinstance(layer, RowParallelLinear) and tp_size > 1
-        col_parallel = not isinstance(layer, RowParallelLinear) and tp_size > 1
-        # Which rows / input columns of the checkpoint tensor this rank keeps.
-        replicas = getattr(layer, "num_kv_head_replicas", 1) if isinstance(shard_id, str) and shard_id in "kv" else 1
+        col_parallel = isinstance(layer, ColumnParallelLinear) and tp_size > 1
+        # Which rows / input columns of the checkpoint tensor this rank keeps (with fewer kv heads
+        # than ranks, QKVParallelLinear gives groups of num_kv_head_replicas ranks the same k/v rows).
+        replicas = getattr(layer, "num_kv_head_replicas", 1) if shard_id in ("k", "v") else 1
         row_start = (tp_rank // replicas) * rows if col_parallel else 0
         in_part = layer.input_size_per_partition if hasattr(layer, "input_size_per_partition") else None
         col_start = tp_rank * in_part if (row_parallel and in_part) else 0

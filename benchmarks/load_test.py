@@ -64,23 +64,6 @@ def kind_of(prompt_index: int) -> str:
     return "chat" if prompt_index % 2 else "completion"
 
 
-class Server(VllmServer):
-    """VllmServer that leaves out ``--quantization armor`` for a dense model (vLLM refuses the
-    method on a checkpoint without an ARMOR config)."""
-
-    def __init__(self, *args, quantized: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.quantized = quantized
-
-    @property
-    def command(self) -> list[str]:
-        cmd = super().command
-        if not self.quantized:
-            i = cmd.index("--quantization")
-            del cmd[i:i + 2]
-        return cmd
-
-
 async def one_request(client, name: str, index: int, max_tokens: int, timeout: float) -> dict:
     """Send prompt ``index`` (completion or chat by its parity); return text, tokens, latency or error."""
     prompt = PROMPTS[index]
@@ -179,7 +162,8 @@ def run_model(label: str, model_dir: str, quantized: bool, args, deadline: float
     left = deadline - time.monotonic()
     if left <= 5:
         return {"model": model_dir, "timed_out": True, "error": "no time left before start"}
-    server = Server(model_dir, extra_args=server_args, log_path=log, startup_timeout=left, quantized=quantized)
+    server = VllmServer(model_dir, extra_args=server_args, log_path=log, startup_timeout=left,
+                        quantization="armor" if quantized else None)
     result: dict = {"model": model_dir, "command": " ".join(server.command), "log": str(log)}
     print(f"[{label}] $ {result['command']}", flush=True)
     t0 = time.monotonic()

@@ -212,7 +212,7 @@ def plot(report: dict, path: str) -> None:
             ax.axhline(mean(entry["baselines"][name]["losses"]), ls=":", color=style[0], label=name)
         ax.set_xscale("log")
         ax.set_title(f"layer {report['layer']} {group}")
-        ax.set_xlabel("optimiser wall time (s, 2 CPU cores)")
+        ax.set_xlabel(f"optimiser wall time (s; {report['machine']})", fontsize=7)
         ax.set_ylabel("relative proxy loss (mean over matrices)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -35,18 +35,22 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
+CALIB_BATCH = 8  # samples per forward call: larger matmuls, activations of 8 samples at a time
+
+
 @dataclass
 class LayerInputs:
-    """The hidden states entering a decoder layer, one tensor per sample, plus the keyword
-    arguments (rotary embeddings, mask, positions) every layer is called with."""
+    """The hidden states entering a decoder layer, one ``(batch, seq, hidden)`` tensor per batch of
+    samples, plus the keyword arguments (rotary embeddings, mask, positions) every layer is called
+    with (they broadcast over the batch: all samples have the same length)."""
 
     hidden: list[torch.Tensor]
     kwargs: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, samples: torch.Tensor) -> LayerInputs:
-    """Run the model's embedding part on every sample and stop at the first decoder layer."""
+def capture_first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch: int = CALIB_BATCH) -> LayerInputs:
+    """Run the model's embedding part on every batch of samples and stop at the first decoder layer."""
     layers = decoder_layers(model)
     captured = LayerInputs(hidden=[])
 
@@ -59,9 +63,9 @@ def capture_first_layer_inputs(model: nn.Module, samples: torch.Tensor) -> Layer
 
     handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        for sample in samples:
+        for chunk in samples.split(batch):
             try:
-                model(input_ids=sample.unsqueeze(0), use_cache=False)
+                model(input_ids=chunk, use_cache=False)
             except _StopForward:
                 pass
     finally:
