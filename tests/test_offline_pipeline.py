@@ -138,3 +138,62 @@ def test_layer_stream_matches_the_full_model(tiny_model_dir):
     stream.release_layer(0)
     assert all(p.is_meta for p in stream.layers[0].parameters())
     torch.testing.assert_close(out.hidden[0], expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_to_identical_bytes(default_model_dir, tmp_path):
+    """A real kill: SIGKILL ``python -m armor_vllm.offline`` once layer 1 is saved, rerun the same
+    command, and get the bytes of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from armor_vllm.checkpoint import copy_side_files
+
+    model_dir = tmp_path / "tiny6"
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+    copy_side_files(default_model_dir, model_dir)
+    args = dict(method="armor", block_size=32, method_options={"preset": "quick", "iterations": 1}, **SMALL)
+
+    reference = tmp_path / "reference"
+    run_offline(OfflineOptions(model=str(model_dir), output=str(reference), **args))
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "armor_vllm.offline", "--model", str(model_dir), "--output", str(out),
+           "--method", "armor", "--block-size", "32", "--preset", "quick", "--iterations", "1",
+           "--calib-samples", str(SMALL["calib_samples"]), "--seq-len", str(SMALL["seq_len"])]
+    work = tmp_path / "killed.partial" / ".armor_work"
+    log = tmp_path / "first.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not (work / "layer-00001.safetensors").exists():
+                assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before layer 1 was saved:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "layer 1 was not saved within 10 minutes"
+                time.sleep(0.02)
+            assert proc.poll() is None, "the run finished before it could be killed: make each layer slower"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "a killed run must never leave a complete-looking OUTPUT"
+    assert not (work / "layer-00005.safetensors").exists(), "the kill came after the last layer"
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert "resuming the unfinished run" in rerun.stdout
+    assert not (tmp_path / "killed.partial").exists()
+    assert sha(out / "model.safetensors") == sha(reference / "model.safetensors")

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
     p.add_argument("--lr", type=float, default=None, help="ARMOR learning rate (overrides the preset)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--workers", type=int, default=None,
+                   help="compress the groups of each layer in N local Ray worker processes (same bytes; needs armor-vllm[ray])")
+    p.add_argument("--ray-address", default=None,
+                   help="run the compression tasks on an existing Ray cluster, e.g. auto or HOST:6379 (needs armor-vllm[ray])")
     return p
 
 
@@ -76,6 +80,7 @@ def options_from_args(args: argparse.Namespace) -> OfflineOptions:
     method_options = {k: values.pop(k) for k in METHOD_OPTION_KEYS if values.get(k) is not None}
     values = {k: v for k, v in values.items() if v is not None}
     return OfflineOptions(output=args.output, overwrite=args.overwrite, method_options=method_options,
+                          workers=args.workers, ray_address=args.ray_address,
                           **{"model": values.pop("model", None) or "default", **values})
 
 
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(args)
         summary = run_offline(opts)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     loss = summary["mean_proxy_loss"]

@@ -37,6 +37,7 @@ from armor_vllm.checkpoint import (
 from armor_vllm.factorization import reconstruct
 from armor_vllm.format import ArmorConfig, check_layer_block_size, encode_layer
 from armor_vllm.offline import report as report_mod
+from armor_vllm.offline.distributed import LocalExecutor, check_options, make_executor
 from armor_vllm.offline.layer_walk import (
     LayerInputs,
     StatsGroup,
@@ -68,9 +69,13 @@ class OfflineOptions:
     ignore: list[str] = field(default_factory=list)
     method_options: dict = field(default_factory=dict)
     overwrite: bool = False
+    # Where compress runs (same bytes either way, so not part of the fingerprint): local Ray with
+    # this many worker processes, or an existing Ray cluster (armor_vllm.offline.distributed).
+    workers: int | None = None
+    ray_address: str | None = None
 
     def fingerprint(self) -> str:
-        keep = {k: v for k, v in asdict(self).items() if k not in ("output", "overwrite")}
+        keep = {k: v for k, v in asdict(self).items() if k not in ("output", "overwrite", "workers", "ray_address")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,6 +84,7 @@ def _validate(opts: OfflineOptions) -> None:
         raise ValueError(f"--order {opts.order!r} is not one of {list(ORDERS)}")
     if opts.block_size <= 0:
         raise ValueError(f"--block-size must be positive, got {opts.block_size}")
+    check_options(opts.workers, opts.ray_address)
 
 
 def _calibration_samples(opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
@@ -125,40 +131,42 @@ def _compress_layer(
     method,
     out_dtype: torch.dtype,
     block_size: int,
-) -> tuple[dict[str, torch.Tensor], list[dict], dict[str, torch.Tensor]]:
-    """Compress the linears of one decoder layer; returns checkpoint tensors, metrics and the
-    dense reconstructions (to feed the next layer in sequential order)."""
+    executor=None,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Compress the linears of one decoder layer; returns checkpoint tensors and metrics.
+    ``executor`` runs the groups' ``method.compress`` (``distributed``; default: here, one group
+    after the other)."""
     linears = layer_linears(layer)
     tensors: dict[str, torch.Tensor] = {}
     metrics: list[dict] = []
-    rebuilt: dict[str, torch.Tensor] = {}
+    jobs = []
     for group in groups:
         weights = {}
         for name in group.names:
             d_out, d_in = linears[name].weight.shape
             check_layer_block_size(f"{prefix}.{name}", d_out, d_in, block_size)
             weights[name] = linears[name].weight.detach().float()
-        start = time.perf_counter()
-        results = method.compress(weights, group.stats)
-        seconds = (time.perf_counter() - start) / max(len(weights), 1)
+        jobs.append((weights, group.stats))
+    outcomes = (executor or LocalExecutor()).compress_groups(method, jobs)
+    for group, (weights, _), (results, group_seconds) in zip(groups, jobs, outcomes):
+        seconds = group_seconds / max(len(weights), 1)
         for name in group.names:
             result = results[name]
             linear = linears[name]
             result.layer.bias = None if linear.bias is None else linear.bias.detach()
             tensors.update(encode_layer(f"{prefix}.{name}", result.layer, out_dtype))
             w_hat = reconstruct(result.layer.wrapper_out, result.layer.core, result.layer.wrapper_in)
-            rebuilt[name] = w_hat
             metrics.append(
                 {
+                    **{k: float(v) for k, v in result.metrics.items()},
                     "layer": index,
                     "name": name,
                     "shape": list(weights[name].shape),
                     "proxy_loss": _relative_proxy_loss(weights[name], w_hat, group.stats),
-                    "seconds": seconds,
-                    **{k: float(v) for k, v in result.metrics.items()},
+                    "seconds": seconds,  # the group's wall time, shared among its matrices
                 }
             )
-    return tensors, metrics, rebuilt
+    return tensors, metrics
 
 
 def _set_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -221,42 +229,48 @@ def run_offline(opts: OfflineOptions) -> dict:
         calib_seconds += time.perf_counter() - tc
 
     all_metrics: list[dict] = []
-    progress = tqdm(range(len(layers)), desc=f"{opts.method} ({opts.order})", unit="layer")
-    for index in progress:
-        layer = stream.load_layer(index)
-        prefix = f"{layer_prefix}.{index}"
-        names = list(layer_linears(layer))
-        if _layer_file(work, index).is_file():
-            tensors, metrics = _load_layer(work, index)
-            if inputs is not None:
-                if opts.order == "sequential":
-                    _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
-                inputs = run_layer(layer, inputs)
-        else:
-            if inputs is not None:
-                tc = time.perf_counter()
-                groups, dense_out = collect_layer_stats(layer, inputs, method_cls.needs_full_hessian)
-                calib_seconds += time.perf_counter() - tc
-            else:
-                groups = [StatsGroup(names=[n], stats=None) for n in names]
-                dense_out = None
-            tensors, metrics, rebuilt = _compress_layer(
-                index, prefix, layer, groups, method, out_dtype, opts.block_size
-            )
-            _save_layer(work, index, tensors, metrics)
-            if inputs is not None:
-                if opts.order == "sequential":
-                    _set_weights(layer, rebuilt)
-                    tc = time.perf_counter()
+    executor = make_executor(opts.workers, opts.ray_address)
+    try:
+        progress = tqdm(range(len(layers)), desc=f"{opts.method} ({opts.order})", unit="layer")
+        for index in progress:
+            layer = stream.load_layer(index)
+            prefix = f"{layer_prefix}.{index}"
+            names = list(layer_linears(layer))
+            if _layer_file(work, index).is_file():
+                tensors, metrics = _load_layer(work, index)
+                if inputs is not None:
+                    if opts.order == "sequential":
+                        _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
                     inputs = run_layer(layer, inputs)
+            else:
+                if inputs is not None:
+                    tc = time.perf_counter()
+                    groups, dense_out = collect_layer_stats(layer, inputs, method_cls.needs_full_hessian)
                     calib_seconds += time.perf_counter() - tc
                 else:
-                    inputs = dense_out
-        stream.release_layer(index)
-        all_metrics.extend(metrics)
-        losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
-        if losses:
-            progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+                    groups = [StatsGroup(names=[n], stats=None) for n in names]
+                    dense_out = None
+                tensors, metrics = _compress_layer(
+                    index, prefix, layer, groups, method, out_dtype, opts.block_size, executor
+                )
+                _save_layer(work, index, tensors, metrics)
+                if inputs is not None:
+                    if opts.order == "sequential":
+                        # What the checkpoint holds (factors in out_dtype), exactly as a resumed run
+                        # rebuilds it, so that resuming gives the same bytes as running through.
+                        _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
+                        tc = time.perf_counter()
+                        inputs = run_layer(layer, inputs)
+                        calib_seconds += time.perf_counter() - tc
+                    else:
+                        inputs = dense_out
+            stream.release_layer(index)
+            all_metrics.extend(metrics)
+            losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
+            if losses:
+                progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+    finally:
+        executor.close()
     del model, inputs, stream
 
     summary = _assemble(opts, model_dir, partial, work, source_config, layer_prefix, all_metrics)
