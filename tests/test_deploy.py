@@ -388,8 +388,8 @@ def test_load_test_percentile_and_server_command():
     assert lt.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.0
     assert lt.percentile([float(i) for i in range(1, 101)], 99) == 99.0
     assert len(set(lt.PROMPTS)) == len(lt.PROMPTS) >= 16
-    armor = lt.Server("/m", port=1, quantized=True).command
-    dense = lt.Server("/m", port=1, quantized=False).command
+    armor = lt.VllmServer("/m", port=1).command
+    dense = lt.VllmServer("/m", port=1, quantization=None).command
     assert armor[armor.index("--quantization") + 1] == "armor"
     assert "--quantization" not in dense and dense[dense.index("serve") + 1] == "/m"
     assert armor[armor.index("--host") + 1] == "127.0.0.1"
