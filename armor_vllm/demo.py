@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "armor_vllm.offline", "--output", str(out), "--method", args.method]
         if args.method == "armor":
             cmd += ["--preset", args.preset]
-        print("[1/3] $", " ".join(cmd[1:]) if cmd[0] == sys.executable else " ".join(cmd), flush=True)
+        print("[1/3] $ python", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
 
     log = out.with_name(out.name + ".serve.log")
