@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from armor_vllm.factorization import reconstruct
-from armor_vllm.format import COMPRESSED, ArmorConfig, ArmorFormatError, decode_layer
+from armor_vllm.format import BIAS, COMPRESSED, LAYER_TENSORS, ArmorConfig, ArmorFormatError, decode_layer
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Files copied unchanged from the source model (tokenizer, chat template, generation settings).
@@ -161,7 +161,7 @@ def dense_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[
         out[f"{prefix}.weight"] = weight.to(dtype or tensors[f"{prefix}.{COMPRESSED}"].dtype)
         if layer.bias is not None:
             out[f"{prefix}.bias"] = layer.bias
-    owned = {f"{p}.{s}" for p in prefixes for s in ("compressed", "bitmask", "shape", "wrapper_out", "wrapper_in", "bias")}
+    owned = {f"{p}.{s}" for p in prefixes for s in (*LAYER_TENSORS, BIAS)}
     out.update({k: v for k, v in tensors.items() if k not in owned})
     return out
 

@@ -195,7 +195,6 @@ class ArmorLinearMethod(LinearMethodBase):
         bs = self.config.armor.block_size
         sizes = layer.armor_output_sizes
         offset, rows = sum(sizes[:idx]), sizes[idx]
-        cols = param.shape[1] * 2 if tensor_name == COMPRESSED else None
         tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
         # Only column- and row-parallel layers are split; a ReplicatedLinear also carries the world's
         # tp_rank/tp_size but holds the whole weight on every rank.
@@ -255,7 +254,6 @@ class ArmorLinearMethod(LinearMethodBase):
 
     # -- post-process ---------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        bs = self.config.armor.block_size
         names = layer.armor_shard_names
         missing = [
             f"{names[i]}.{t}"

@@ -43,6 +43,18 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     return out
 
 
+def random_armor_layer(rows: int, cols: int, bs: int, seed: int = 0, spread: float = 0.2, bias: bool = False):
+    """A random format-v1 layer: a 2:4 core and wrappers ``I + spread * noise`` (every block differs)."""
+    from armor_vllm.factorization import mask_from_scores
+    from armor_vllm.format import ArmorLayer
+
+    gen = torch.Generator().manual_seed(seed)
+    core = torch.randn(rows, cols, generator=gen) * mask_from_scores(torch.rand(rows, cols, generator=gen))
+    a = torch.eye(bs).expand(rows // bs, bs, bs) + spread * torch.randn(rows // bs, bs, bs, generator=gen)
+    b = torch.eye(bs).expand(cols // bs, bs, bs) + spread * torch.randn(cols // bs, bs, bs, generator=gen)
+    return ArmorLayer(a, core, b, torch.randn(rows, generator=gen) if bias else None)
+
+
 def run_vllm(model_dir: Path, request: dict, env: dict | None = None, timeout: int = 900) -> dict:
     """Run tests/vllm_runner.py in a child process and return its JSON answer."""
     out = Path(request.setdefault("out", str(Path(model_dir).parent / f"vllm-{os.getpid()}-{id(request)}.json")))

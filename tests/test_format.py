@@ -5,11 +5,11 @@ import pytest
 import torch
 from compressed_tensors.utils import unpack_bitmasks
 
-from armor_vllm.factorization import mask_from_scores, reconstruct
+from armor_vllm.factorization import reconstruct
+from conftest import random_armor_layer
 from armor_vllm.format import (
     ArmorConfig,
     ArmorFormatError,
-    ArmorLayer,
     compress_core,
     decode_layer,
     decompress_core,
@@ -18,11 +18,7 @@ from armor_vllm.format import (
 
 
 def make_layer(rows=64, cols=96, bs=32, seed=0, bias=True):
-    gen = torch.Generator().manual_seed(seed)
-    core = torch.randn(rows, cols, generator=gen) * mask_from_scores(torch.rand(rows, cols, generator=gen))
-    a = torch.eye(bs).expand(rows // bs, bs, bs) + 0.1 * torch.randn(rows // bs, bs, bs, generator=gen)
-    b = torch.eye(bs).expand(cols // bs, bs, bs) + 0.1 * torch.randn(cols // bs, bs, bs, generator=gen)
-    return ArmorLayer(a, core, b, torch.randn(rows, generator=gen) if bias else None)
+    return random_armor_layer(rows, cols, bs, seed, spread=0.1, bias=bias)
 
 
 def test_layer_round_trip_is_exact():

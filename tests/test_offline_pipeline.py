@@ -45,8 +45,9 @@ def test_wanda_writes_a_valid_checkpoint_and_report(tiny_model_dir, tmp_path):
             assert torch.equal(dense[name], w)
 
 
-def test_interrupted_run_resumes_to_identical_bytes(tiny_model_dir, tmp_path, monkeypatch):
-    opts = dict(model=str(tiny_model_dir), method="wanda", block_size=32, **SMALL)
+@pytest.mark.parametrize("order", ["sequential", "dense"])
+def test_interrupted_run_resumes_to_identical_bytes(tiny_model_dir, tmp_path, monkeypatch, order):
+    opts = dict(model=str(tiny_model_dir), method="wanda", block_size=32, order=order, **SMALL)
     reference = tmp_path / "reference"
     run_offline(OfflineOptions(output=str(reference), **opts))
 

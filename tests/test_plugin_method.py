@@ -8,6 +8,8 @@ from torch import nn
 from armor_vllm.factorization import factored_linear, mask_from_scores
 from armor_vllm.format import ArmorConfig, ArmorFormatError, ArmorLayer, encode_layer
 
+from conftest import random_armor_layer
+
 vq = pytest.importorskip("armor_vllm.vllm_quant")
 
 BS = 16
@@ -17,11 +19,7 @@ D_IN = 64
 
 
 def make_layer(rows, cols, seed):
-    gen = torch.Generator().manual_seed(seed)
-    core = torch.randn(rows, cols, generator=gen) * mask_from_scores(torch.rand(rows, cols, generator=gen))
-    a = torch.eye(BS).expand(rows // BS, BS, BS) + 0.2 * torch.randn(rows // BS, BS, BS, generator=gen)
-    b = torch.eye(BS).expand(cols // BS, BS, BS) + 0.2 * torch.randn(cols // BS, BS, BS, generator=gen)
-    return ArmorLayer(a, core, b)
+    return random_armor_layer(rows, cols, BS, seed, spread=0.2)
 
 
 def quant_config():

@@ -236,12 +236,9 @@ def run_offline(opts: OfflineOptions) -> dict:
             layer = stream.load_layer(index)
             prefix = f"{layer_prefix}.{index}"
             names = list(layer_linears(layer))
+            dense_out = None
             if _layer_file(work, index).is_file():
                 tensors, metrics = _load_layer(work, index)
-                if inputs is not None:
-                    if opts.order == "sequential":
-                        _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
-                    inputs = run_layer(layer, inputs)
             else:
                 if inputs is not None:
                     tc = time.perf_counter()
@@ -249,21 +246,20 @@ def run_offline(opts: OfflineOptions) -> dict:
                     calib_seconds += time.perf_counter() - tc
                 else:
                     groups = [StatsGroup(names=[n], stats=None) for n in names]
-                    dense_out = None
                 tensors, metrics = _compress_layer(
                     index, prefix, layer, groups, method, out_dtype, opts.block_size, executor
                 )
                 _save_layer(work, index, tensors, metrics)
-                if inputs is not None:
-                    if opts.order == "sequential":
-                        # What the checkpoint holds (factors in out_dtype), exactly as a resumed run
-                        # rebuilds it, so that resuming gives the same bytes as running through.
-                        _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
-                        tc = time.perf_counter()
-                        inputs = run_layer(layer, inputs)
-                        calib_seconds += time.perf_counter() - tc
-                    else:
-                        inputs = dense_out
+            if inputs is not None:  # the next layer's inputs
+                tc = time.perf_counter()
+                if opts.order == "sequential":
+                    # From what the checkpoint holds (factors in out_dtype), the same whether this
+                    # layer was just compressed or read back on a resume: same bytes either way.
+                    _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
+                    inputs = run_layer(layer, inputs)
+                else:
+                    inputs = dense_out if dense_out is not None else run_layer(layer, inputs)
+                calib_seconds += time.perf_counter() - tc
             stream.release_layer(index)
             all_metrics.extend(metrics)
             losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
