@@ -15,8 +15,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from armor_vllm.factorization import reconstruct
-from armor_vllm.format import BIAS, COMPRESSED, LAYER_TENSORS, ArmorConfig, ArmorFormatError, decode_layer
+from armor_vllm.format import (
+    BIAS,
+    COMPRESSED,
+    LAYER_TENSORS,
+    TRANSFORMERS_GUARD,
+    TRANSFORMERS_GUARD_KEY,
+    ArmorConfig,
+    ArmorFormatError,
+    decode_layer,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Files copied unchanged from the source model (tokenizer, chat template, generation settings).
@@ -130,6 +138,16 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
+def armor_model_config(source_config: dict, quantization_config: ArmorConfig) -> dict:
+    """The ``config.json`` of a checkpoint: the source model's, with the ARMOR
+    ``quantization_config`` and the key that makes plain transformers refuse it
+    (``format.TRANSFORMERS_GUARD``)."""
+    config = dict(source_config)
+    config["quantization_config"] = quantization_config.to_dict()
+    config[TRANSFORMERS_GUARD_KEY] = TRANSFORMERS_GUARD
+    return config
+
+
 def read_armor_config(model_dir: Path) -> ArmorConfig | None:
     """The validated ARMOR config of a checkpoint, or None for an ordinary dense model."""
     config = read_json(Path(model_dir) / "config.json")
@@ -146,19 +164,20 @@ def compressed_prefixes(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def dense_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint with every ARMOR layer multiplied out to a dense ``weight`` (``A·S·B`` in
-    float32, then cast to ``dtype``, by default the stored dtype): what transformers can load, and
-    the reference the plugin is tested against."""
+    float32, then cast to ``dtype``, by default the stored dtype), after validating the directory
+    (``armor_vllm.validate``): a plain state dict, e.g. to compare against."""
+    from armor_vllm.validate import validate_checkpoint_dir
+
     model_dir = Path(model_dir)
-    cfg = read_armor_config(model_dir)
+    cfg = validate_checkpoint_dir(model_dir).config
     tensors = load_tensors(model_dir)
     if cfg is None:
         return tensors
     out = {}
     prefixes = compressed_prefixes(tensors)
     for prefix in prefixes:
-        layer = decode_layer(prefix, tensors, cfg.block_size)
-        weight = reconstruct(layer.wrapper_out.float(), layer.core.float(), layer.wrapper_in.float())
-        out[f"{prefix}.weight"] = weight.to(dtype or tensors[f"{prefix}.{COMPRESSED}"].dtype)
+        layer = decode_layer(prefix, tensors, cfg.block_size, cfg.wrappers)
+        out[f"{prefix}.weight"] = layer.weight().to(dtype or tensors[f"{prefix}.{COMPRESSED}"].dtype)
         if layer.bias is not None:
             out[f"{prefix}.bias"] = layer.bias
     owned = {f"{p}.{s}" for p in prefixes for s in (*LAYER_TENSORS, BIAS)}
@@ -168,7 +187,9 @@ def dense_state_dict(model_dir: Path, dtype: torch.dtype | None = None) -> dict[
 
 def load_dense_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
     """A transformers model holding the dense reconstruction of an ARMOR checkpoint (or the
-    dense model itself)."""
+    dense model itself), built by hand from ``dense_state_dict``. The way in for users is
+    ``AutoModelForCausalLM.from_pretrained`` after ``import armor_vllm`` (``hf_quantizer``); this
+    stays as an independent reference, and for what that does not load (MoE experts)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -176,10 +197,15 @@ def load_dense_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {k: v.to(dtype) for k, v in dense_state_dict(model_dir, dtype).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ArmorFormatError(f"{model_dir}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+    # Through transformers' checkpoint key conversion (per-expert tensors -> 3-D expert parameters,
+    # renamed modules); reconstructed layers are (d_out, d_in) even where transformers has a Conv1D.
+    from armor_vllm.hf_keys import load_checkpoint_state
+
+    names = [k for f in shard_files(model_dir) for k in safe_open(str(f), framework="pt").keys()]
+    try:
+        load_checkpoint_state(model, state, linear_oriented=compressed_prefixes(names))
+    except ValueError as exc:
+        raise ArmorFormatError(f"{model_dir}: {exc}") from None
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

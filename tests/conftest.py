@@ -55,66 +55,76 @@ def random_armor_layer(rows: int, cols: int, bs: int, seed: int = 0, spread: flo
     return ArmorLayer(a, core, b, torch.randn(rows, generator=gen) if bias else None)
 
 
-def run_vllm(model_dir: Path, request: dict, env: dict | None = None, timeout: int = 900) -> dict:
-    """Run tests/vllm_runner.py in a child process and return its JSON answer."""
+def run_vllm(model_dir: Path, request: dict, env: dict | None = None, timeout: int = 900,
+             runner: Path = VLLM_RUNNER) -> dict:
+    """Run tests/vllm_runner.py (or another ``runner`` with its interface) in a child process and
+    return its JSON answer."""
     out = Path(request.setdefault("out", str(Path(model_dir).parent / f"vllm-{os.getpid()}-{id(request)}.json")))
     proc = subprocess.run(
-        [sys.executable, str(VLLM_RUNNER), str(model_dir), json.dumps(request)],
+        [sys.executable, str(runner), str(model_dir), json.dumps(request)],
         env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
     )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise RuntimeError(f"vLLM runner failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    if "error" in result:  # vLLM's root cause is in the child's log, not in the exception chain
+        result["log_tail"] = "\n".join(
+            line for line in (proc.stdout + proc.stderr).splitlines() if "Attempted to load weight" not in line
+        )[-4000:]
+    return result
 
 
 @pytest.fixture(scope="session")
 def armor_checkpoint(tmp_path_factory, default_model_dir):
-    """The embedded model pruned with Wanda (small calibration), its identity wrappers then replaced
-    by random non-identity blocks: a valid checkpoint whose every part does real work."""
-    from safetensors.torch import save_file
-
-    from armor_vllm.checkpoint import load_tensors, shard_files
+    """The embedded model pruned with Wanda (small calibration), then given random non-identity
+    wrappers: a valid checkpoint whose every part does real work."""
     from armor_vllm.offline.pipeline import OfflineOptions, run_offline
 
     out = tmp_path_factory.mktemp("ckpt") / "wanda-wrapped"
     run_offline(OfflineOptions(model=str(default_model_dir), output=str(out), method="wanda",
                                calib_samples=8, seq_len=128))
-    (path,) = shard_files(out)
-    tensors = load_tensors(out)
-    gen = torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if name.endswith((".wrapper_out", ".wrapper_in")):
-            tensors[name] = (t + 0.02 * torch.randn(t.shape, generator=gen)).contiguous()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    _perturb_wrappers(out, seed=0, scale=0.02)
     return out
 
 
 def _perturb_wrappers(out: Path, seed: int = 0, scale: float = 0.02) -> None:
-    """Replace a checkpoint's wrappers ``A``/``B`` by ``A + scale·noise`` (non-identity blocks)."""
+    """Give a checkpoint the wrappers ``A + scale·noise``, ``B + scale·noise`` (non-identity blocks)
+    for every compressed layer: a plain 2:4 checkpoint (format v2, ``wrappers: false``) gets identity
+    wrappers first and becomes ``wrappers: true``."""
+    import json
+
     from safetensors.torch import save_file
 
     from armor_vllm.checkpoint import load_tensors, shard_files
+    from armor_vllm.factorization import identity_blocks
 
     (path,) = shard_files(out)
     tensors = load_tensors(out)
+    config = json.loads((out / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    for name in [n for n in tensors if n.endswith(".compressed")]:
+        prefix, (rows, half) = name[: -len(".compressed")], tensors[name].shape
+        tensors.setdefault(f"{prefix}.wrapper_out", identity_blocks(rows, qcfg["block_size"]))
+        tensors.setdefault(f"{prefix}.wrapper_in", identity_blocks(2 * half, qcfg["block_size"]))
     gen = torch.Generator().manual_seed(seed)
-    for name, t in tensors.items():
+    for name in sorted(tensors):
         if name.endswith((".wrapper_out", ".wrapper_in")):
+            t = tensors[name]
             tensors[name] = (t + scale * torch.randn(t.shape, generator=gen)).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
+    if qcfg["format_version"] >= 2:
+        qcfg["wrappers"] = True
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")
-def tp_checkpoint(tmp_path_factory, default_model_dir) -> Path:
-    """A random 2-layer Llama whose heads split over 2 ranks (hidden 256, 4 heads, 2 kv heads,
-    intermediate 512; the embedded model's 9 heads do not), pruned with Wanda at block size 32 and
-    given random non-identity wrappers. At TP=2 every per-rank partition (q 128, k/v 64, o_proj and
-    down_proj inputs 128/256, gate/up 256) is a multiple of 32, and each rank's blocks differ."""
+def tp_dense_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A random dense 2-layer Llama whose heads split over 2 ranks (hidden 256, 4 heads, 2 kv heads,
+    intermediate 512; the embedded model's 9 heads do not), with the embedded model's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from armor_vllm.checkpoint import copy_side_files
-    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
 
     dense = tmp_path_factory.mktemp("tp-llama") / "dense"
     config = LlamaConfig(
@@ -126,8 +136,28 @@ def tp_checkpoint(tmp_path_factory, default_model_dir) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(dense)
     copy_side_files(default_model_dir, dense)
-    out = dense.parent / "wanda-wrapped"
-    run_offline(OfflineOptions(model=str(dense), output=str(out), method="wanda", block_size=32,
+    return dense
+
+
+@pytest.fixture(scope="session")
+def tp_plain_checkpoint(tp_dense_dir) -> Path:
+    """``tp_dense_dir`` pruned with Wanda at block size 32: a plain 2:4 checkpoint (no wrappers)."""
+    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+    out = tp_dense_dir.parent / "wanda-plain"
+    run_offline(OfflineOptions(model=str(tp_dense_dir), output=str(out), method="wanda", block_size=32,
                                calib_samples=4, seq_len=64))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tp_checkpoint(tp_plain_checkpoint) -> Path:
+    """``tp_plain_checkpoint`` given random non-identity wrappers. At TP=2 every per-rank partition
+    (q 128, k/v 64, o_proj and down_proj inputs 128/256, gate/up 256) is a multiple of 32, and each
+    rank's blocks differ."""
+    import shutil
+
+    out = tp_plain_checkpoint.parent / "wanda-wrapped"
+    shutil.copytree(tp_plain_checkpoint, out)
     _perturb_wrappers(out, seed=1, scale=0.05)
     return out

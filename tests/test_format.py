@@ -1,4 +1,5 @@
-"""Checkpoint format v1: round trips, the sparse-24-bitmask layout, and config validation."""
+"""Checkpoint format v2 (and v1): round trips, the sparse-24-bitmask layout, layers without
+wrappers, and config validation."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from conftest import random_armor_layer
 from armor_vllm.format import (
     ArmorConfig,
     ArmorFormatError,
+    ArmorLayer,
     compress_core,
     decode_layer,
     decompress_core,
@@ -110,7 +112,9 @@ def test_config_is_compatible_with_compressed_tensors_sparsity_config():
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"format_version": 2}, "format_version: 2 is not supported"),
+    ({"format_version": 3}, "format_version: 3 is not supported"),
+    ({"wrappers": "no"}, "wrappers: 'no', expected true or false"),
+    ({"format_version": 1, "wrappers": True}, "wrappers: not a format-v1 key"),
     ({"quant_method": "compressed-tensors"}, "quant_method"),
     ({"block_size": 0}, "block_size"),
     ({"block_size": "32"}, "block_size"),
@@ -122,3 +126,42 @@ def test_config_is_compatible_with_compressed_tensors_sparsity_config():
 def test_config_rejects_bad_values(over, message):
     with pytest.raises(ArmorFormatError, match=message):
         ArmorConfig.from_dict(config_dict(**over))
+
+
+def test_config_versions_and_wrappers():
+    v2 = ArmorConfig(block_size=32, method="wanda", wrappers=False).to_dict()
+    assert v2["format_version"] == 2 and v2["wrappers"] is False
+    assert ArmorConfig.from_dict(v2) == ArmorConfig(block_size=32, method="wanda", wrappers=False)
+    assert ArmorConfig.from_dict(v2).to_dict() == v2
+    absent = dict(config_dict(), format_version=2)
+    del absent["wrappers"]
+    assert ArmorConfig.from_dict(absent).wrappers is True  # absent = true
+    v1 = ArmorConfig(block_size=32, method="armor", format_version=1).to_dict()
+    assert "wrappers" not in v1 and ArmorConfig.from_dict(v1).wrappers is True
+    assert ArmorConfig.from_dict(v1).to_dict() == v1
+    assert ArmorConfig.from_dict(v2).layer_tensors == ("compressed", "bitmask", "shape")
+    with pytest.raises(ArmorFormatError, match="format v1 always stores wrappers"):
+        ArmorConfig(block_size=32, method="wanda", format_version=1, wrappers=False)
+
+
+def test_layer_without_wrappers():
+    prefix = "model.layers.0.mlp.down_proj"
+    layer = make_layer(rows=64, cols=96, bias=True)
+    plain = ArmorLayer(torch.eye(32).expand(2, 32, 32).clone(), layer.core, torch.eye(32).expand(3, 32, 32).clone(),
+                       layer.bias)
+    with_wrappers = encode_layer(prefix, plain, torch.float32)
+    without = encode_layer(prefix, plain, torch.float32, wrappers=False)
+    assert set(with_wrappers) - set(without) == {f"{prefix}.wrapper_out", f"{prefix}.wrapper_in"}
+    back = decode_layer(prefix, without, 32, wrappers=False)
+    assert back.wrapper_out is None and back.wrapper_in is None and back.block_size is None
+    assert torch.equal(back.weight(), decode_layer(prefix, with_wrappers, 32).weight())
+    assert torch.equal(back.weight(), layer.core)
+    # wrappers that do work cannot be dropped, and stray wrappers are refused
+    with pytest.raises(ArmorFormatError, match=rf"{prefix}.wrapper_out: not the identity"):
+        encode_layer(prefix, layer, torch.float32, wrappers=False)
+    with pytest.raises(ArmorFormatError, match=rf"{prefix}.wrapper_out, {prefix}.wrapper_in: stray tensor"):
+        decode_layer(prefix, with_wrappers, 32, wrappers=False)
+    with pytest.raises(ArmorFormatError, match=rf"missing tensor\(s\) {prefix}.wrapper_out"):
+        decode_layer(prefix, without, 32, wrappers=True)
+    with pytest.raises(ArmorFormatError, match="has none"):
+        encode_layer(prefix, ArmorLayer(None, layer.core, None), torch.float32)

@@ -123,7 +123,7 @@ def test_layer_stream_matches_the_full_model(tiny_model_dir):
     """Streaming one layer at a time computes what transformers computes with the whole model."""
     from transformers import AutoModelForCausalLM
 
-    from armor_vllm.offline.layer_walk import capture_first_layer_inputs, run_layer
+    from armor_vllm.offline.layer_walk import capture_layer_inputs, run_layer
     from armor_vllm.offline.streaming import LayerStream
 
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -133,7 +133,7 @@ def test_layer_stream_matches_the_full_model(tiny_model_dir):
 
     stream = LayerStream(tiny_model_dir)
     assert all(p.is_meta for p in stream.layers.parameters())  # nothing of the layers read yet
-    inputs = capture_first_layer_inputs(stream.model, ids)
+    inputs = capture_layer_inputs(stream.model, ids)
     layer = stream.load_layer(0)
     out = run_layer(layer, inputs)
     stream.release_layer(0)
@@ -198,3 +198,219 @@ def test_sigkilled_cli_run_resumes_to_identical_bytes(default_model_dir, tmp_pat
     assert "resuming the unfinished run" in rerun.stdout
     assert not (tmp_path / "killed.partial").exists()
     assert sha(out / "model.safetensors") == sha(reference / "model.safetensors")
+
+
+def _same(a, b, where="") -> None:
+    """Exact equality of nested call arguments (tensors, tuples, dicts, plain values)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), where
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, (tuple, list)):
+        assert isinstance(b, (tuple, list)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), (where, sorted(a), sorted(b))
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    else:
+        assert a == b, (where, a, b)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_each_layer_gets_the_arguments_the_model_gives_it(arch, tmp_path, default_model_dir):
+    """A model mixing sliding-window (window 8) and full attention: every decoder layer's calibration
+    inputs (hidden states and keyword arguments: its own mask and rotary embeddings) equal what the
+    full model's forward feeds that layer, and streaming layer by layer gives the model's outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_vllm.offline.layer_walk import capture_layer_inputs, run_layer
+    from armor_vllm.offline.streaming import LayerStream
+    from tiny_archs import make_tiny
+
+    model_dir = make_tiny(arch, tmp_path / arch, default_model_dir)
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0))  # longer than the window
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    seen = []
+
+    def grab(module, args, kwargs):
+        kept = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")}
+        seen.append((args[0] if args else kwargs["hidden_states"], tuple(args[1:]), kept))
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in full.model.layers]
+    with torch.no_grad():
+        full(input_ids=ids, use_cache=False)
+        for h in handles:
+            h.remove()
+        expect_out = full(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+
+    stream = LayerStream(model_dir)
+    inputs = capture_layer_inputs(stream.model, ids, batch=8)
+    assert len(inputs.hidden) == 1 and len(inputs.calls) == 2
+    run_layer_outputs = []
+    masks = [seen[i][2]["attention_mask"] for i in range(2)]
+    assert not (isinstance(masks[0], torch.Tensor) and isinstance(masks[1], torch.Tensor) and torch.equal(*masks)), \
+        "the sliding and the full layer must get different masks for this test to mean anything"
+    for index in range(2):
+        hidden, args, kwargs = seen[index]
+        torch.testing.assert_close(inputs.hidden[0], hidden, rtol=1e-6, atol=1e-6)
+        got_args, got_kwargs = inputs.arguments(0)
+        _same(got_args, args, f"layer {index} args")
+        _same(got_kwargs, kwargs, f"layer {index} kwargs")
+        layer = stream.load_layer(index)
+        inputs = run_layer(layer, inputs)
+        stream.release_layer(index)
+        run_layer_outputs.append(inputs.hidden[0])
+    # hidden_states: the embeddings, then each layer's output (the last one after the final norm).
+    torch.testing.assert_close(run_layer_outputs[0], expect_out[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        final = stream.model.model.norm(run_layer_outputs[1])
+    torch.testing.assert_close(final, expect_out[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_layers_stream_as_transformers_loads_them(arch, tmp_path, default_model_dir):
+    """The checkpoint stores each expert apart (and Mixtral names its block ``block_sparse_moe``);
+    read through transformers' key conversion, a streamed layer holds exactly what
+    ``from_pretrained`` builds, and computes the model's own layer output."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_vllm.offline.layer_walk import capture_layer_inputs, run_layer
+    from armor_vllm.offline.streaming import LayerStream
+    from tiny_archs import make_tiny
+
+    model_dir = make_tiny(arch, tmp_path / arch, default_model_dir)
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    stream = LayerStream(model_dir)
+    layer = stream.load_layer(0)
+    expect = dict(full.model.layers[0].named_parameters())
+    got = dict(layer.named_parameters())
+    assert sorted(got) == sorted(expect) and any(p.dim() == 3 for p in got.values())
+    for name, p in got.items():
+        assert torch.equal(p, expect[name]), name
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = full(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    out = run_layer(layer, capture_layer_inputs(stream.model, ids))
+    torch.testing.assert_close(out.hidden[0], hidden, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_expert_inputs_are_the_routed_tokens(arch, tmp_path, default_model_dir):
+    """What each expert's statistics are taken from: the tokens the router sent to it (gate/up) and
+    their intermediate activations (down). Weighted by the router and summed over experts, they
+    reproduce the output transformers' own experts module computes."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_vllm.offline import experts as moe
+    from tiny_archs import make_tiny
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny(arch, tmp_path / arch, default_model_dir),
+                                                 dtype=torch.float32).eval()
+    module = model.model.layers[0].mlp.experts
+    calls = []
+    handle = module.register_forward_hook(lambda m, args, out: calls.append((args, out)))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1)))
+    handle.remove()
+    (hidden, index, weights), output = calls[0]
+    rebuilt = torch.zeros_like(output)
+    seen_in = set()
+    for e, part, x in moe.expert_inputs(module, (hidden, index, weights), {}):
+        tokens = (index == e).any(-1).nonzero().flatten()
+        if part == "in":
+            torch.testing.assert_close(x, hidden[tokens])
+            seen_in.add(e)
+            continue
+        w = (weights * (index == e)).sum(-1)[tokens]
+        rebuilt.index_add_(0, tokens, w[:, None] * (x @ moe.expert_weight(module, e, "down").T))
+    assert seen_in == set(index.unique().tolist())
+    torch.testing.assert_close(rebuilt, output, rtol=1e-5, atol=1e-6)
+
+
+def test_experts_with_too_few_tokens_follow_the_rule():
+    from armor_vllm.offline import experts as moe
+    from armor_vllm.offline.methods import InputStats
+
+    def stats(n, value):
+        return InputStats(sq=torch.full((4,), float(value), dtype=torch.float64), n_tokens=n)
+
+    enough = moe.MIN_EXPERT_TOKENS
+    own = {(0, "in"): stats(enough, 1), (0, "mid"): stats(enough, 2), (1, "in"): stats(3, 3), (1, "mid"): stats(3, 4)}
+    block = stats(enough + 3, 5)
+    chosen, tokens, fell_back = moe.resolve(3, own, block)  # expert 2 got no token at all
+    assert tokens == [enough, 3, 0] and fell_back == [1, 2]
+    assert chosen[(0, "in")] is own[(0, "in")] and chosen[(0, "mid")] is own[(0, "mid")]
+    for e in (1, 2):
+        assert chosen[(e, "in")] is block  # every token of the block
+        pooled = chosen[(e, "mid")]  # the down inputs of all experts together
+        assert pooled.n_tokens == enough + 3 and torch.equal(pooled.sq, torch.full((4,), 6.0, dtype=torch.float64))
+
+
+def _no_output_left(tmp_path, name):
+    return not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+
+
+def test_unsupported_architecture_fails_before_any_work(tmp_path, default_model_dir, capsys):
+    """A model type the pass is not tested with (GPT-NeoX stores q/k/v fused and interleaved per
+    head): a clear error naming it, and nothing written that looks resumable."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from armor_vllm.checkpoint import copy_side_files
+
+    model_dir = tmp_path / "neox"
+    config = GPTNeoXConfig(vocab_size=1024, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=128)
+    GPTNeoXForCausalLM(config).save_pretrained(model_dir)
+    copy_side_files(default_model_dir, model_dir)
+    assert offline_main(["--model", str(model_dir), "--output", str(tmp_path / "out"), "--method", "wanda"]) == 2
+    err = capsys.readouterr().err
+    assert "model type 'gpt_neox'" in err and "supported:" in err and "Traceback" not in err
+    assert _no_output_left(tmp_path, "out")
+
+
+def test_ignore_is_honoured_by_the_walk(tiny_model_dir, tmp_path):
+    """``--ignore``d linears are not compressed: the checkpoint keeps their dense source weight, the
+    config lists them, and the next layers' statistics see them dense."""
+    out = tmp_path / "ignored"
+    summary = run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(out), method="wanda",
+                                         block_size=32, ignore=["re:.*down_proj"], **SMALL))
+    assert summary["matrices"] == 12
+    cfg = read_armor_config(out)
+    stored = load_tensors(out)
+    source = load_tensors(tiny_model_dir)
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.down_proj"
+        assert torch.equal(stored[f"{name}.weight"], source[f"{name}.weight"])
+        assert f"{name}.compressed" not in stored and not cfg.is_compressed(name)
+        assert f"model.layers.{i}.mlp.up_proj.compressed" in stored and cfg.is_compressed(f"model.layers.{i}.mlp.up_proj")
+    assert {d["name"]: d["reason"] for d in summary["dense"]}["model.layers.1.mlp.down_proj"] == "--ignore"
+
+
+@pytest.mark.parametrize("ignore, message", [
+    (["re:.*q_proj"], "vLLM fuses"),  # q alone: vLLM runs q/k/v as one layer
+    (["nothing_like_this"], "matches no compressible projection"),
+])
+def test_bad_ignore_fails_before_any_work(tiny_model_dir, tmp_path, ignore, message):
+    with pytest.raises(ValueError, match=message):
+        run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "x"), method="wanda", ignore=ignore))
+    assert _no_output_left(tmp_path, "x")
+
+
+def test_ignoring_some_experts_of_a_block_is_refused_and_all_of_them_works(tmp_path, default_model_dir):
+    from tiny_archs import make_tiny
+
+    model_dir = make_tiny("mixtral", tmp_path / "mixtral", default_model_dir)
+    with pytest.raises(ValueError, match="vLLM runs all experts of a MoE block as one layer"):
+        run_offline(OfflineOptions(model=str(model_dir), output=str(tmp_path / "x"), method="magnitude",
+                                   ignore=["re:.*experts\\.0\\."]))
+    assert _no_output_left(tmp_path, "x")
+    out = tmp_path / "attention-only"
+    summary = run_offline(OfflineOptions(model=str(model_dir), output=str(out), method="magnitude",
+                                         ignore=["re:.*experts"]))
+    assert summary["matrices"] == 8 and summary["compressed_kinds"] == ["linear"]
+    cfg = read_armor_config(out)
+    assert not cfg.is_compressed("model.layers.0.block_sparse_moe.experts")
+    assert "model.layers.1.block_sparse_moe.experts" in cfg.ignore
+    assert torch.equal(load_tensors(out)["model.layers.0.block_sparse_moe.experts.3.w2.weight"],
+                       load_tensors(model_dir)["model.layers.0.block_sparse_moe.experts.3.w2.weight"])

@@ -4,7 +4,7 @@ requests (completion and chat), answers checked against transformers, server sto
 import pytest
 import torch
 
-from armor_vllm.checkpoint import load_dense_hf_model
+from armor_vllm.hf_quantizer import load_model
 from armor_vllm.serve import CPU_DEFAULT_ARGS, VllmServer
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ def test_openai_completion_and_chat(armor_checkpoint, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(armor_checkpoint)
-    model = load_dense_hf_model(armor_checkpoint, dtype=torch.float32)
+    model = load_model(armor_checkpoint, dtype=torch.float32)
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         expect = tok.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:])

@@ -1,5 +1,6 @@
 """vLLM with the plugin computes what the checkpoint means: greedy tokens and prompt logprobs from
-vLLM (both CPU kernels) equal those of transformers running the dense reconstruction ``A·S·B``.
+vLLM (both CPU kernels) equal those of transformers loading the checkpoint through armor_vllm's
+quantizer (``AutoModelForCausalLM.from_pretrained``: ARMOR layers computing ``A (S (B x))``).
 
 The checkpoint (conftest's ``armor_checkpoint``) has random non-identity wrappers, so the wrappers,
 the fused q/k/v and gate/up shards and the 2:4 cores are all exercised."""
@@ -10,7 +11,7 @@ import math
 import pytest
 import torch
 
-from armor_vllm.checkpoint import load_dense_hf_model
+import armor_vllm  # noqa: F401  (registers the transformers quantizer)
 from conftest import run_vllm
 
 pytestmark = pytest.mark.slow
@@ -20,10 +21,13 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "In Python,
 
 @pytest.fixture(scope="module")
 def hf_reference(armor_checkpoint):
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from armor_vllm.hf_quantizer import ArmorLinear
 
     tok = AutoTokenizer.from_pretrained(armor_checkpoint)
-    model = load_dense_hf_model(armor_checkpoint, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(armor_checkpoint, dtype=torch.float32)
+    assert sum(isinstance(m, ArmorLinear) for m in model.modules()) == 210
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
     greedy, logprobs = [], []
     with torch.no_grad():
@@ -60,3 +64,34 @@ def test_vllm_refuses_unknown_format_version(armor_checkpoint, tmp_path):
     result = run_vllm(bad, {})
     assert "error" in result
     assert any("format_version: 99 is not supported" in line for line in result["chain"]), result
+
+
+def test_vllm_names_a_truncated_shard(tp_checkpoint, tmp_path):
+    """Before: safetensors' "incomplete metadata, file not fully covered", no file named."""
+    import shutil
+
+    bad = tmp_path / "truncated"
+    shutil.copytree(tp_checkpoint, bad)
+    shard = bad / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    result = run_vllm(bad, {})
+    assert "error" in result
+    assert any("model.safetensors" in line and "truncated" in line for line in result["chain"]), result
+
+
+def test_vllm_names_a_stray_tensor(tp_checkpoint, tmp_path):
+    """Before: "'MergedColumnParallelLinear' object has no attribute 'data'"."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from armor_vllm.checkpoint import load_tensors
+
+    bad = tmp_path / "stray"
+    shutil.copytree(tp_checkpoint, bad)
+    tensors = load_tensors(bad)
+    tensors["model.layers.0.mlp.up_proj.bogus"] = torch.zeros(4)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    result = run_vllm(bad, {})
+    assert "error" in result
+    assert any("model.layers.0.mlp.up_proj.bogus" in line for line in result["chain"]), result

@@ -1,60 +1,66 @@
 """Execution kernels for an ARMOR linear: how ``y = A (S (B x)) + bias`` is computed on a device.
 
-The vLLM plugin loads and validates the checkpoint tensors into ``ArmorShards`` and hands them to
-one kernel's ``prepare`` once, after loading; ``apply`` then runs on every forward. Kernels:
+The vLLM plugin loads and validates the checkpoint tensors into ``ArmorShards`` and hands them to one
+kernel's ``prepare`` once, after loading; ``apply`` then runs on every forward. The pieces:
 
-- ``folded`` (CPU default): multiply ``A · S · B`` out at load time into one dense weight; the speed
-  of the dense model, the memory of the dense model.
-- ``factored``: keep ``A``, ``S`` and ``B`` apart and apply the wrappers as batched small matmuls
-  around the 2:4 core (a dense matmul on CPU, which has no 2:4 hardware).
-- CUDA (``kernels.cuda``, imports only torch): ``auto``, ``cusparselt``, ``cutlass``, ``dense``.
+- ``folded``: ``A · S · B`` multiplied out at load into one dense weight (``kernels.folded``);
+- ``factored``: ``B``, core, ``A`` kept apart and run as one custom op (``kernels.factored``,
+  ``kernels.linear_op``), with a core backend from ``kernels.backends`` (dense, cuSPARSELt,
+  CUTLASS), wrappers from ``kernels.blockdiag`` / ``kernels.triton_blockdiag``, and per-shape plans
+  from ``kernels.plan``.
 
-``select_kernel(mode, device)`` picks one by name.
+``select_kernel(mode, device)`` maps the user's ``ARMOR_VLLM_KERNEL`` to one:
+
+=================  =========================================================================
+mode               kernel
+=================  =========================================================================
+``auto``           factored with measured backend/plan where a 2:4 backend can run (CUDA
+                   sm80+); folded elsewhere (CPUs: measured faster, BENCHMARKS.md)
+``folded``         folded (``dense`` is an older name for it)
+``factored``       factored with the core as a dense matmul (any device)
+``cusparselt``,    factored with that 2:4 backend; where it cannot run, the next one
+``cutlass``        (cusparselt -> cutlass -> folded) with a warning
+=================  =========================================================================
+
+Imports only torch (and triton lazily), never vLLM.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Callable
 
 import torch
 
+from armor_vllm.kernels.backends import SPARSE_BACKENDS, any_sparse_backend
 from armor_vllm.kernels.base import ArmorKernel, ArmorShards
-from armor_vllm.kernels.cpu import FactoredKernel, FoldedKernel
-from armor_vllm.kernels.cuda import MODES as _CUDA_MODES
-from armor_vllm.kernels.cuda import CudaArmorKernel
+from armor_vllm.kernels.factored import FactoredKernel
+from armor_vllm.kernels.folded import FoldedKernel
+from armor_vllm.kernels.plan import Plan
 
-CPU_KERNELS: dict[str, type[ArmorKernel]] = {"folded": FoldedKernel, "factored": FactoredKernel}
-CUDA_KERNELS: dict[str, Callable[[], ArmorKernel]] = {
-    mode: functools.partial(CudaArmorKernel, backend=mode) for mode in _CUDA_MODES
-}
+KERNEL_MODES = ("auto", "folded", "factored", *SPARSE_BACKENDS, "dense")
 
 
-def select_kernel(mode: str, device: torch.device | str) -> ArmorKernel:
-    """The kernel for ``mode`` on ``device``. Unknown names raise. CPU modes run anywhere (pure
-    torch); a CUDA mode on a non-CUDA device falls back to ``folded`` (with a warning, except for
-    ``auto``, whose CPU meaning is ``folded``)."""
+def select_kernel(
+    mode: str,
+    device: torch.device | str,
+    key: str | None = None,
+    agree: Callable[[Plan], Plan] | None = None,
+) -> ArmorKernel:
+    """The kernel for ``mode`` on ``device`` (``key``: the op's layer name; ``agree``: how
+    tensor-parallel ranks settle on one measured plan). Unknown names raise."""
     device = torch.device(device)
-    if mode in CPU_KERNELS:
-        return CPU_KERNELS[mode]()
-    if mode not in CUDA_KERNELS:
-        known = ", ".join([*CPU_KERNELS, *CUDA_KERNELS])
-        raise ValueError(f"unknown ARMOR kernel {mode!r}; known: {known}")
-    if device.type != "cuda":
-        if mode != "auto":
-            warnings.warn(f"ARMOR kernel {mode!r} needs CUDA, running 'folded' on {device}")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"unknown ARMOR kernel {mode!r}; known: {', '.join(KERNEL_MODES)}")
+    if mode in ("folded", "dense"):
         return FoldedKernel()
-    return CudaArmorKernel(backend=mode, device=device)
+    if mode == "factored":
+        return FactoredKernel(backend="dense", device=device, key=key)
+    if not any_sparse_backend(device):
+        if mode != "auto":
+            warnings.warn(f"ARMOR kernel {mode!r} needs a CUDA GPU with 2:4 support; running 'folded' on {device}")
+        return FoldedKernel()
+    return FactoredKernel(backend=mode, device=device, key=key, agree=agree)
 
 
-__all__ = [
-    "ArmorKernel",
-    "ArmorShards",
-    "CPU_KERNELS",
-    "CUDA_KERNELS",
-    "CudaArmorKernel",
-    "FactoredKernel",
-    "FoldedKernel",
-    "select_kernel",
-]
+__all__ = ["ArmorKernel", "ArmorShards", "FactoredKernel", "FoldedKernel", "KERNEL_MODES", "select_kernel"]

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from armor_vllm.factorization import block_diag_to_dense
-
 
 @dataclass
 class ArmorShards:
@@ -25,6 +23,10 @@ class ArmorShards:
         return [int(c.shape[0]) for c in self.cores]
 
     @property
+    def input_size(self) -> int:
+        return int(self.cores[0].shape[1])
+
+    @property
     def block_size(self) -> int:
         return int(self.wrapper_out.shape[-1])
 
@@ -33,6 +35,13 @@ class ArmorShards:
         first = self.wrappers_in[0]
         return first if all(torch.equal(first, w) for w in self.wrappers_in[1:]) else None
 
+    def to(self, device: torch.device) -> "ArmorShards":
+        return ArmorShards(
+            wrapper_out=self.wrapper_out.to(device),
+            cores=[c.to(device) for c in self.cores],
+            wrappers_in=[w.to(device) for w in self.wrappers_in],
+        )
+
 
 def is_identity(blocks: torch.Tensor) -> bool:
     """True when block-diagonal blocks are exactly the identity (plain 2:4 checkpoints)."""
@@ -40,21 +49,19 @@ def is_identity(blocks: torch.Tensor) -> bool:
     return bool(torch.equal(blocks, eye.expand_as(blocks)))
 
 
-def dense_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    return block_diag_to_dense(blocks)
-
-
 class ArmorKernel(ABC):
-    """One way to execute an ARMOR linear. ``prepare`` runs once at load; ``apply`` per forward."""
+    """One way to execute an ARMOR linear. One instance serves one layer: ``prepare`` runs once
+    after loading and returns the tensors to keep on the layer (in order); ``apply`` runs on every
+    forward with those tensors."""
 
     name: str = ""
+    # None: ``prepare`` returned one folded dense weight, to run as an ordinary dense linear.
+    layout: object | None = None
 
     @abstractmethod
-    def prepare(self, shards: ArmorShards, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Turn the loaded shards into the tensors ``apply`` needs (registered on the layer)."""
+    def prepare(self, shards: ArmorShards, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Turn the loaded shards into the tensors ``apply`` needs."""
 
     @abstractmethod
-    def apply(
-        self, tensors: dict[str, torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def apply(self, tensors: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``y = A (S (B x)) + bias`` for ``x`` of shape ``(..., d_in)``."""

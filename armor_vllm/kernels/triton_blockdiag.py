@@ -1,17 +1,25 @@
 """A fused Triton kernel applying block-diagonal wrappers in one pass.
 
-``blockdiag_triton(x, wt, shards, bias)`` computes the same thing as ``cuda.blockdiag_bmm``: for every
+``blockdiag_triton(x, wt, shards, bias)`` computes the same thing as ``blockdiag.blockdiag_bmm``: for every
 input block ``j`` and shard ``s``, ``y_s[:, j] = x[:, j] @ wt[j][:, s*bs:(s+1)*bs] (+ bias)``. One
 program handles one (token tile, block, shard) and writes straight into the final layout, so the
 stacked multi-shard case needs no permute/copy afterwards (the bmm path needs one). Whether it is
-faster than cuBLAS batched matmuls is decided by measurement (``CudaArmorKernel`` with
-``wrapper="auto"``, or ``benchmarks/cuda_linear.py``), not assumed.
+faster than cuBLAS batched matmuls is decided by measurement (``kernels.plan``, or
+``benchmarks/cuda_linear.py``), not assumed, and a plan that uses it is checked against the
+reference maths before it serves.
 
-Imports ``triton`` at module import: ``kernels.cuda`` imports this module lazily. Runs on CPU under
-``TRITON_INTERPRET=1`` (the tests use that).
+One program holds a ``(BLOCK_T, bs)`` tile of ``x`` and a ``(bs, bs)`` block in registers/shared
+memory; block sizes above ``MAX_BLOCK`` (128) would exceed shared memory at these tile sizes, so they
+are refused (the batched-matmul path serves them).
+
+Imports ``triton`` at module import: ``kernels.blockdiag`` imports this module lazily. Runs on CPU
+under ``TRITON_INTERPRET=1`` (the tests use that; the interpreter's bf16 dot is wrong, so the CPU
+tests use fp32 and fp16).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -50,9 +58,18 @@ def _blockdiag_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+MIN_BLOCK, MAX_BLOCK = 16, 128
+
+
 def supported(block_size: int) -> bool:
-    """``tl.arange`` needs a power of two and ``tl.dot`` at least 16."""
-    return block_size >= 16 and block_size & (block_size - 1) == 0
+    """``tl.arange`` needs a power of two, ``tl.dot`` at least 16; above 128 the tiles outgrow
+    shared memory."""
+    return MIN_BLOCK <= block_size <= MAX_BLOCK and block_size & (block_size - 1) == 0
+
+
+def runs_on(device: torch.device) -> bool:
+    """CUDA devices, or any device when Triton's CPU interpreter is switched on."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def token_tile(n_tokens: int) -> int:
@@ -69,7 +86,7 @@ def blockdiag_triton(
     if width != shards * bs or x.shape[-1] != n * bs:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, wt {tuple(wt.shape)}, shards {shards}")
     if not supported(bs):
-        raise ValueError(f"block size {bs} not supported by the Triton kernel")
+        raise ValueError(f"block size {bs} not supported by the Triton kernel ({MIN_BLOCK}..{MAX_BLOCK}, power of two)")
     if bias is not None and shards != 1:
         raise ValueError("bias is only supported for a single shard")
     if x.stride(-1) != 1 or wt.stride(-1) != 1:

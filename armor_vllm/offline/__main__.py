@@ -1,4 +1,5 @@
-"""``python -m armor_vllm.offline``: compress a Hugging Face checkpoint to an ARMOR/2:4 checkpoint.
+"""``python -m armor_vllm.offline``: compress a Hugging Face checkpoint to an ARMOR/2:4 checkpoint
+(a thin wrapper over the Python API ``armor_vllm.compress``).
 
 Examples::
 
@@ -10,39 +11,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+# The option names and recipe reading live with the Python API that this CLI wraps.
+from armor_vllm.api import METHOD_OPTION_KEYS, RECIPE_KEYS, RUN_KEYS, compress, load_recipe, offline_options  # noqa: F401
 from armor_vllm.offline.methods import METHODS
-from armor_vllm.offline.pipeline import ORDERS, OfflineOptions, run_offline
-
-# Options a recipe file may set, with the option they stand for.
-RECIPE_KEYS = {
-    "model", "method", "block_size", "calib_samples", "seq_len", "calib_data", "order", "seed",
-    "ignore", "preset", "iterations", "lr",
-}
-METHOD_OPTION_KEYS = ("preset", "iterations", "lr")
-
-
-def load_recipe(path: str) -> dict:
-    """A recipe is a YAML (safe subset) or JSON mapping of option names to values."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--recipe {p} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"--recipe {p}: expected a mapping of option names to values")
-    unknown = sorted(set(data) - RECIPE_KEYS)
-    if unknown:
-        raise ValueError(f"--recipe {p}: unknown option(s) {unknown}; known: {sorted(RECIPE_KEYS)}")
-    return data
+from armor_vllm.offline.pipeline import ORDERS, OfflineOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="wrapper block size, must divide every layer (default 32)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--calib-data", nargs="+", default=None, help=".txt/.jsonl files (default: pydoc_data.topics, calibration split)")
+    p.add_argument("--calib-data", nargs="+", default=None, help=".txt/.jsonl files or text source names, e.g. pydoc (default: a mix of pydoc, jargon, opticks, licenses; armor_vllm.calibration)")
     p.add_argument("--order", choices=ORDERS, default=None,
                    help="statistics from the dense model, or sequential (after earlier layers are compressed; default)")
     p.add_argument("--seed", type=int, default=None)
@@ -63,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="ARMOR schedule: quick, default or paper")
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
     p.add_argument("--lr", type=float, default=None, help="ARMOR learning rate (overrides the preset)")
+    p.add_argument("--objective", choices=["diag", "full"], default=None,
+                   help="ARMOR objective: full = output error tr(E H E^T) with H = X^T X (default), diag = the NoWag proxy")
+    p.add_argument("--init", choices=["nowag", "sparsegpt", "wanda"], default=None,
+                   help="the 2:4 pruning ARMOR starts from (default: sparsegpt for --objective full, nowag for diag)")
+    p.add_argument("--distill", action="store_true", default=None,
+                   help="after compressing each decoder layer, tune A, B and the kept values (masks fixed) "
+                        "so the layer's output matches the dense layer's (armor_vllm.offline.distill)")
+    p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per decoder layer (default 32)")
+    p.add_argument("--distill-target", choices=["layer", "dense"], default=None,
+                   help="what --distill matches: the dense layer on the compressed model's inputs (layer, default) "
+                        "or the dense model's own hidden states (dense: output-aware, corrects earlier layers' error)")
+    p.add_argument("--distill-lr", type=float, default=None, help="Adam learning rate of distillation (default 1e-4)")
+    p.add_argument("--distill-max-seconds", type=float, default=None,
+                   help="wall-time cap of distillation per decoder layer (default 60)")
+    p.add_argument("--device", default=None,
+                   help="where per-layer compression runs: cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--workers", type=int, default=None,
                    help="compress the groups of each layer in N local Ray worker processes (same bytes; needs armor-vllm[ray])")
@@ -72,23 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> OfflineOptions:
-    values = load_recipe(args.recipe) if args.recipe else {}
-    for key in RECIPE_KEYS:
-        cli = getattr(args, key, None)
-        if cli is not None:
-            values[key] = cli
-    method_options = {k: values.pop(k) for k in METHOD_OPTION_KEYS if values.get(k) is not None}
-    values = {k: v for k, v in values.items() if v is not None}
-    return OfflineOptions(output=args.output, overwrite=args.overwrite, method_options=method_options,
-                          workers=args.workers, ray_address=args.ray_address,
-                          **{"model": values.pop("model", None) or "default", **values})
+    return offline_options(args.model, args.output, args.method, args.recipe, **_cli_options(args))
+
+
+def _cli_options(args: argparse.Namespace) -> dict:
+    """The options given on the command line (None: not given), as ``armor_vllm.compress`` takes them."""
+    return {k: getattr(args, k, None) for k in (*RECIPE_KEYS, *RUN_KEYS) if k not in ("model", "method")}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        opts = options_from_args(args)
-        summary = run_offline(opts)
+        summary = compress(args.model, args.output, args.method, args.recipe, **_cli_options(args))
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -104,7 +89,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['seconds_compress']:.0f} s compression); peak memory {summary['peak_rss_gib']:.2f} GiB\n"
         f"  report: {summary['output']}/armor_report.json, armor_report.png"
     )
+    print(_dense_line(summary))
     return 0
+
+
+def _dense_line(summary: dict) -> str:
+    """What stayed dense and why (the checkpoint's ``ignore``), and the experts' calibration."""
+    reasons: dict[str, list[str]] = {}
+    for entry in summary.get("dense", []):
+        reasons.setdefault(entry["reason"], []).append(entry["name"])
+    parts = [f"{reason}: {len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for reason, names in reasons.items()]
+    line = f"  left dense: {'; '.join(parts) or 'nothing'}"
+    if summary.get("experts"):
+        line += (f"\n  experts: {summary['experts']} compressed, {summary['experts_stats_fallback']} with too few "
+                 f"routed calibration tokens (statistics of their whole MoE block, see armor_vllm/offline/experts.py)")
+    return line
 
 
 if __name__ == "__main__":

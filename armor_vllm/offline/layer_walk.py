@@ -1,6 +1,11 @@
-"""Walk a Hugging Face decoder one layer at a time: capture what enters the first layer, run each
-layer on the calibration samples with hooks that collect the input statistics of its linears, and
-produce the inputs of the next layer. Memory stays bounded by one layer's activations.
+"""Walk a Hugging Face decoder one layer at a time: capture what the model's own forward passes each
+decoder layer, run each layer on the calibration samples with hooks that collect the input
+statistics of its compression targets, and produce the inputs of the next layer. Memory stays
+bounded by one layer's activations.
+
+Every layer is called with the arguments the model's forward gives *that* layer: models that mix
+sliding-window and full attention (Gemma 2/3, ...) give each layer type its own mask and rotary
+embeddings, so the arguments are captured per layer, not copied from the first one.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from armor_vllm.offline import experts as moe
 from armor_vllm.offline.methods.base import InputStats
+from armor_vllm.offline.targets import Target
 
 
 class _StopForward(Exception):
@@ -30,38 +37,54 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (looked for model.layers)")
 
 
-def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules of one decoder layer, by their name inside the layer."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
 CALIB_BATCH = 8  # samples per forward call: larger matmuls, activations of 8 samples at a time
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")  # per call; never carried between layers
 
 
 @dataclass
 class LayerInputs:
-    """The hidden states entering a decoder layer, one ``(batch, seq, hidden)`` tensor per batch of
-    samples, plus the keyword arguments (rotary embeddings, mask, positions) every layer is called
-    with (they broadcast over the batch: all samples have the same length)."""
+    """What enters decoder layer ``index``: the hidden states, one ``(batch, seq, hidden)`` tensor per
+    batch of samples, and for every layer and batch the other arguments (positional after the
+    hidden states, keyword) the model's forward called that layer with."""
 
     hidden: list[torch.Tensor]
-    kwargs: dict = field(default_factory=dict)
+    calls: list[list[tuple[tuple, dict]]] = field(default_factory=list)  # calls[layer][batch]
+    index: int = 0
+
+    def arguments(self, batch: int) -> tuple[tuple, dict]:
+        return self.calls[self.index][batch]
+
+    def next(self, hidden: list[torch.Tensor]) -> "LayerInputs":
+        return LayerInputs(hidden=hidden, calls=self.calls, index=self.index + 1)
 
 
 @torch.no_grad()
-def capture_first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch: int = CALIB_BATCH) -> LayerInputs:
-    """Run the model's embedding part on every batch of samples and stop at the first decoder layer."""
+def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, batch: int = CALIB_BATCH) -> LayerInputs:
+    """Run the model's forward on every batch of samples with each decoder layer's ``forward``
+    replaced by a recorder: it keeps the arguments the layer receives (and the first layer's hidden
+    states), returns its input unchanged, and the last one stops the forward. The layers' weights
+    are never touched (they may still be on the meta device)."""
     layers = decoder_layers(model)
-    captured = LayerInputs(hidden=[])
+    captured = LayerInputs(hidden=[], calls=[[] for _ in layers])
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        if not captured.kwargs:
-            captured.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            kept = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGS}
+            captured.calls[index].append((rest, kept))
+            if index == 0:
+                captured.hidden.append(hidden.detach())
+            if index == len(layers) - 1:
+                raise _StopForward
+            return hidden
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute shadows the class's forward
     try:
         for chunk in samples.split(batch):
             try:
@@ -69,10 +92,10 @@ def capture_first_layer_inputs(model: nn.Module, samples: torch.Tensor, batch: i
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    # Caches are per call; never carry one from the first sample into later layers.
-    captured.kwargs.pop("past_key_values", None)
-    captured.kwargs.pop("past_key_value", None)
+        for layer in layers:
+            del layer.forward
+    if any(len(calls) != len(captured.hidden) for calls in captured.calls):
+        raise ValueError(f"{type(model).__name__}: its forward does not call every decoder layer once per batch")
     return captured
 
 
@@ -80,73 +103,130 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _call(layer: nn.Module, inputs: LayerInputs, b: int) -> torch.Tensor:
+    args, kwargs = inputs.arguments(b)
+    return _layer_output(layer(inputs.hidden[b], *args, **kwargs))
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     """The outputs of ``layer`` for every sample: the inputs of the next layer."""
-    return LayerInputs(
-        hidden=[_layer_output(layer(h, **inputs.kwargs)) for h in inputs.hidden], kwargs=inputs.kwargs
-    )
+    return inputs.next([_call(layer, inputs, b) for b in range(len(inputs.hidden))])
 
 
 @dataclass
 class StatsGroup:
-    """Linears of one layer that read the same input tensor (q/k/v, or gate/up) and their stats."""
+    """Targets of one layer that read the same input tensor (q/k/v, gate/up, one expert's gate/up)
+    and the statistics of that input."""
 
     names: list[str]
     stats: InputStats
 
 
+def _new_stats(d_in: int, full_hessian: bool) -> InputStats:
+    return InputStats(
+        sq=torch.zeros(d_in, dtype=torch.float64),
+        n_tokens=0,
+        xtx=torch.zeros(d_in, d_in, dtype=torch.float64) if full_hessian else None,
+    )
+
+
+def _accumulate(stats: InputStats, x: torch.Tensor) -> None:
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    stats.sq += (flat * flat).sum(0)
+    stats.n_tokens += flat.shape[0]
+    if stats.xtx is not None:  # float32 product (2x faster; ~1e-7 relative), float64 running sum
+        x32 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        stats.xtx += (x32.T @ x32).to(torch.float64)
+
+
 @torch.no_grad()
 def collect_layer_stats(
-    layer: nn.Module, inputs: LayerInputs, full_hessian: bool
-) -> tuple[list[StatsGroup], LayerInputs]:
-    """Run ``layer`` on every sample with hooks on its linears. Linears fed the very same tensor
-    share one ``InputStats``. Returns the groups (in module order) and the layer's outputs."""
-    linears = layer_linears(layer)
-    groups: dict[int, StatsGroup] = {}  # keyed by the first linear's position in the layer
-    owner: dict[str, int] = {}  # linear name -> group key, fixed on the first sample
+    layer: nn.Module, inputs: LayerInputs, targets: list[Target], full_hessian: bool
+) -> tuple[list[StatsGroup], LayerInputs, dict]:
+    """Run ``layer`` on every sample with hooks that collect the input statistics of ``targets``.
+    Linear-like targets fed the very same tensor share one ``InputStats``; each expert's gate/up
+    see only the tokens routed to that expert, its down projection their intermediate activations.
+    Returns the groups (in target order), the layer's outputs and, per experts module, the routed
+    token count of every expert and the experts that fell back (``experts.resolve``)."""
+    by_module: dict[str, list[Target]] = {}
+    for t in targets:
+        by_module.setdefault(t.module, []).append(t)
+    stats: dict[str, InputStats] = {}  # group key -> stats
+    owner: dict[str, str] = {}  # target name -> group key
     # data_ptr of an input in the current forward -> (group key, the tensor). Holding the tensor
     # keeps its memory from being reused by a later, different input during the same forward.
-    seen: dict[int, tuple[int, torch.Tensor]] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}
+    block_stats: dict[str, InputStats] = {}  # experts module -> every token entering it
 
-    def make_hook(name: str, position: int):
+    def linear_hook(module_name: str):
         def hook(module, args):
             x = args[0]
             key = x.data_ptr()
-            if name not in owner:
-                owner[name] = seen.setdefault(key, (position, x))[0]
-            group_key = owner[name]
-            if group_key != position:  # another linear of the group already counted this input
+            names = [t.name for t in by_module[module_name]]
+            if names[0] not in owner:
+                group = seen.setdefault(key, (module_name, x))[0]
+                for n in names:
+                    owner[n] = group
+            group = owner[names[0]]
+            if group != module_name:  # another linear of the group already counted this input
                 return
-            flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            group = groups.get(group_key)
-            if group is None:
-                d_in = flat.shape[1]
-                stats = InputStats(
-                    sq=torch.zeros(d_in, dtype=torch.float64),
-                    n_tokens=0,
-                    xtx=torch.zeros(d_in, d_in, dtype=torch.float64) if full_hessian else None,
-                )
-                group = groups[group_key] = StatsGroup(names=[], stats=stats)
-            group.stats.sq += (flat * flat).sum(0)
-            group.stats.n_tokens += flat.shape[0]
-            if group.stats.xtx is not None:
-                group.stats.xtx += flat.T @ flat
+            if group not in stats:
+                stats[group] = _new_stats(x.shape[-1], full_hessian)
+            _accumulate(stats[group], x)
 
         return hook
 
-    handles = [
-        m.register_forward_pre_hook(make_hook(name, i)) for i, (name, m) in enumerate(linears.items())
-    ]
+    def experts_hook(module_name: str):
+        def hook(module, args, kwargs):
+            for e, part, x in moe.expert_inputs(module, args, kwargs):
+                key = (module_name, e, part)
+                if key not in stats:
+                    stats[key] = _new_stats(x.shape[-1], full_hessian)
+                _accumulate(stats[key], x)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if module_name not in block_stats:
+                block_stats[module_name] = _new_stats(hidden.shape[-1], full_hessian)
+            _accumulate(block_stats[module_name], hidden)
+
+        return hook
+
+    handles = []
+    modules = dict(layer.named_modules())
+    for module_name, ts in by_module.items():
+        if ts[0].kind == "expert":
+            handles.append(modules[module_name].register_forward_pre_hook(experts_hook(module_name), with_kwargs=True))
+        else:
+            handles.append(modules[module_name].register_forward_pre_hook(linear_hook(module_name)))
     outputs = []
     try:
-        for h in inputs.hidden:
+        for b in range(len(inputs.hidden)):
             seen.clear()
-            outputs.append(_layer_output(layer(h, **inputs.kwargs)))
+            outputs.append(_call(layer, inputs, b))
     finally:
         for handle in handles:
             handle.remove()
-    for name, key in owner.items():
-        groups[key].names.append(name)
-    ordered = [groups[k] for k in sorted(groups)]
-    return ordered, LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+    chosen: dict = {}  # (experts module, expert, "in"|"mid") -> the statistics it is compressed with
+    routing: dict = {}
+    for module_name, ts in by_module.items():
+        if ts[0].kind != "expert":
+            continue
+        if module_name not in block_stats:
+            raise ValueError(f"{module_name}: the MoE experts were never called on the calibration samples")
+        n = moe.num_experts(modules[module_name])
+        own = {key[1:]: st for key, st in stats.items() if isinstance(key, tuple) and key[0] == module_name}
+        resolved, tokens, fell_back = moe.resolve(n, own, block_stats[module_name])
+        chosen.update({(module_name, e, part): st for (e, part), st in resolved.items()})
+        routing[module_name] = {"tokens": tokens, "fell_back": fell_back}
+    groups: dict = {}
+    for t in targets:
+        if t.kind == "expert":
+            key = (t.module, t.expert, "mid" if t.part == "down" else "in")
+            group_stats = chosen[key]
+        else:
+            key = owner.get(t.name)
+            if key is None or key not in stats:
+                raise ValueError(f"{t.checkpoint}: never called on the calibration samples")
+            group_stats = stats[key]
+        groups.setdefault(key, StatsGroup(names=[], stats=group_stats)).names.append(t.name)
+    return list(groups.values()), inputs.next(outputs), routing

@@ -1,5 +1,5 @@
 """The offline pass: walk the decoder layers, calibrate, compress every linear with one method and
-write a format-v1 checkpoint.
+write a format-v2 checkpoint (docs/FORMAT.md).
 
 Memory: weights are streamed from the safetensors shards one decoder layer at a time
 (``streaming.LayerStream``), calibration activations are kept for one layer at a time, and output
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from armor_vllm.checkpoint import (
     ShardWriter,
+    armor_model_config,
     copy_side_files,
     iter_tensors,
     read_json,
@@ -38,16 +39,17 @@ from armor_vllm.factorization import reconstruct
 from armor_vllm.format import ArmorConfig, check_layer_block_size, encode_layer
 from armor_vllm.offline import report as report_mod
 from armor_vllm.offline.distributed import LocalExecutor, check_options, make_executor
+from armor_vllm.offline import targets as targets_mod
 from armor_vllm.offline.layer_walk import (
     LayerInputs,
     StatsGroup,
-    capture_first_layer_inputs,
+    capture_layer_inputs,
     collect_layer_stats,
-    layer_linears,
     run_layer,
 )
 from armor_vllm.offline.methods import InputStats, get_method
 from armor_vllm.offline.streaming import LayerStream
+from armor_vllm.offline.targets import Target
 
 ORDERS = ("sequential", "dense")
 WORK = ".armor_work"
@@ -90,11 +92,14 @@ def _validate(opts: OfflineOptions) -> None:
 def _calibration_samples(opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from armor_vllm.calibration import default_texts, load_texts, token_samples
+    from armor_vllm.calibration import load_texts, mixed_samples, token_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = load_texts(opts.calib_data) if opts.calib_data else default_texts("calibration")
-    return token_samples(tokenizer, texts, opts.calib_samples, opts.seq_len)
+    if opts.calib_data:
+        return token_samples(tokenizer, load_texts(opts.calib_data), opts.calib_samples, opts.seq_len)
+    samples, used = mixed_samples(tokenizer, opts.calib_samples, opts.seq_len)
+    print(f"calibration: {opts.calib_samples} x {opts.seq_len} tokens from {', '.join(used)}")
+    return samples
 
 
 def _layer_file(work: Path, index: int) -> Path:
@@ -125,64 +130,84 @@ def _relative_proxy_loss(weight: torch.Tensor, w_hat: torch.Tensor, stats: Input
 
 def _compress_layer(
     index: int,
-    prefix: str,
+    targets: list[Target],
     layer: nn.Module,
     groups: list[StatsGroup],
     method,
     out_dtype: torch.dtype,
     block_size: int,
     executor=None,
+    routing: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Compress the linears of one decoder layer; returns checkpoint tensors and metrics.
-    ``executor`` runs the groups' ``method.compress`` (``distributed``; default: here, one group
-    after the other)."""
-    linears = layer_linears(layer)
+    """Compress the targets of one decoder layer (``targets.plan``); returns checkpoint tensors
+    (under the targets' checkpoint names) and metrics. ``executor`` runs the groups'
+    ``method.compress`` (``distributed``; default: here, one group after the other). ``routing``:
+    per experts module, the routed token counts and fallbacks (``experts.resolve``)."""
+    by_name = {t.name: t for t in targets}
     tensors: dict[str, torch.Tensor] = {}
     metrics: list[dict] = []
     jobs = []
     for group in groups:
         weights = {}
         for name in group.names:
-            d_out, d_in = linears[name].weight.shape
-            check_layer_block_size(f"{prefix}.{name}", d_out, d_in, block_size)
-            weights[name] = linears[name].weight.detach().float()
+            t = by_name[name]
+            check_layer_block_size(t.checkpoint, t.shape[0], t.shape[1], block_size)
+            weights[name] = targets_mod.get_weight(layer, t)
         jobs.append((weights, group.stats))
     outcomes = (executor or LocalExecutor()).compress_groups(method, jobs)
     for group, (weights, _), (results, group_seconds) in zip(groups, jobs, outcomes):
         seconds = group_seconds / max(len(weights), 1)
         for name in group.names:
+            t = by_name[name]
             result = results[name]
-            linear = linears[name]
-            result.layer.bias = None if linear.bias is None else linear.bias.detach()
-            tensors.update(encode_layer(f"{prefix}.{name}", result.layer, out_dtype))
+            result.layer.bias = targets_mod.get_bias(layer, t)
+            tensors.update(encode_layer(t.checkpoint, result.layer, out_dtype, wrappers=method.uses_wrappers))
             w_hat = reconstruct(result.layer.wrapper_out, result.layer.core, result.layer.wrapper_in)
-            metrics.append(
-                {
-                    **{k: float(v) for k, v in result.metrics.items()},
-                    "layer": index,
-                    "name": name,
-                    "shape": list(weights[name].shape),
-                    "proxy_loss": _relative_proxy_loss(weights[name], w_hat, group.stats),
-                    "seconds": seconds,  # the group's wall time, shared among its matrices
-                }
-            )
+            metric = {
+                **{k: float(v) for k, v in result.metrics.items()},
+                "layer": index,
+                "name": name,
+                "checkpoint": t.checkpoint,
+                "kind": t.kind,
+                "replaces": list(t.replaces),
+                "shape": list(weights[name].shape),
+                "proxy_loss": _relative_proxy_loss(weights[name], w_hat, group.stats),
+                "seconds": seconds,  # the group's wall time, shared among its matrices
+            }
+            if t.kind == "expert" and routing is not None:
+                info = routing[t.module]
+                metric["routed_tokens"] = info["tokens"][t.expert]
+                metric["stats_fallback"] = t.expert in info["fell_back"]
+            metrics.append(metric)
     return tensors, metrics
 
 
-def _set_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    linears = layer_linears(layer)
-    with torch.no_grad():
-        for name, w in weights.items():
-            linears[name].weight.copy_(w.to(linears[name].weight.dtype))
+def _distill(layer, targets, tensors, metrics, inputs, dense_out, opts: OfflineOptions, out_dtype):
+    from armor_vllm.offline.distill import DistillOptions, distill_tensors
+
+    if opts.method != "armor" or inputs is None:
+        raise ValueError("--distill tunes ARMOR's wrappers and kept values: it needs --method armor")
+    if opts.method_options.get("distill_target", "layer") not in ("layer", "dense"):
+        raise ValueError(f"--distill-target {opts.method_options['distill_target']!r} is not one of ['layer', 'dense']")
+    if opts.method_options.get("distill_target") == "dense" and opts.order != "sequential":
+        raise ValueError("--distill-target dense needs --order sequential (in dense order both targets are the same)")
+    settings = DistillOptions(**{k[len("distill_"):]: v for k, v in opts.method_options.items()
+                                 if k.startswith("distill_") and k != "distill_target"}, seed=opts.seed)
+    return distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, opts.block_size, out_dtype, settings)
 
 
-def _rebuilt_from_tensors(prefix: str, tensors: dict[str, torch.Tensor], block_size: int, names) -> dict:
+def _set_weights(layer: nn.Module, targets: list[Target], weights: dict[str, torch.Tensor]) -> None:
+    for t in targets:
+        targets_mod.set_weight(layer, t, weights[t.name])
+
+
+def _rebuilt_from_tensors(targets: list[Target], tensors: dict[str, torch.Tensor], block_size: int,
+                          wrappers: bool = True) -> dict:
     from armor_vllm.format import decode_layer
 
     out = {}
-    for name in names:
-        layer = decode_layer(f"{prefix}.{name}", tensors, block_size)
-        out[name] = reconstruct(layer.wrapper_out.float(), layer.core.float(), layer.wrapper_in.float())
+    for t in targets:
+        out[t.name] = decode_layer(t.checkpoint, tensors, block_size, wrappers).weight()
     return out
 
 
@@ -201,6 +226,10 @@ def run_offline(opts: OfflineOptions) -> dict:
             raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
     method = method_cls(block_size=opts.block_size, seed=opts.seed, **opts.method_options)
+    # Before anything is written: an architecture or option the pass cannot handle fails here.
+    targets_mod.check_architecture(model_dir)
+    stream = LayerStream(model_dir, dtype=torch.float32)
+    plan = targets_mod.plan(stream, list(opts.ignore), opts.block_size)
 
     fingerprint = opts.fingerprint()
     run_file = partial / "run.json"
@@ -217,7 +246,6 @@ def run_offline(opts: OfflineOptions) -> dict:
 
     source_config = read_json(model_dir / "config.json")
     out_dtype = getattr(torch, str(source_config.get("dtype") or source_config.get("torch_dtype") or "bfloat16"))
-    stream = LayerStream(model_dir, dtype=torch.float32)
     model, layers, layer_prefix = stream.model, stream.layers, stream.layer_prefix
     needs_stats = method_cls.name != "magnitude"
     calib_seconds = 0.0
@@ -225,8 +253,10 @@ def run_offline(opts: OfflineOptions) -> dict:
     if needs_stats:
         tc = time.perf_counter()
         samples = _calibration_samples(opts, model_dir)
-        inputs = capture_first_layer_inputs(model, samples)
+        inputs = capture_layer_inputs(model, samples)
         calib_seconds += time.perf_counter() - tc
+    # --distill-target dense: also follow the dense model's own hidden states (output-aware targets)
+    dense_inputs = inputs if opts.method_options.get("distill_target") == "dense" else None
 
     all_metrics: list[dict] = []
     executor = make_executor(opts.workers, opts.ray_address)
@@ -234,31 +264,37 @@ def run_offline(opts: OfflineOptions) -> dict:
         progress = tqdm(range(len(layers)), desc=f"{opts.method} ({opts.order})", unit="layer")
         for index in progress:
             layer = stream.load_layer(index)
-            prefix = f"{layer_prefix}.{index}"
-            names = list(layer_linears(layer))
+            targets = plan.targets[index]
             dense_out = None
+            dense_next = None if dense_inputs is None else run_layer(layer, dense_inputs)  # weights still dense
             if _layer_file(work, index).is_file():
                 tensors, metrics = _load_layer(work, index)
             else:
                 if inputs is not None:
                     tc = time.perf_counter()
-                    groups, dense_out = collect_layer_stats(layer, inputs, method_cls.needs_full_hessian)
+                    groups, dense_out, routing = collect_layer_stats(
+                        layer, inputs, targets, method.needs_full_hessian  # per run: ARMOR's objective
+                    )
                     calib_seconds += time.perf_counter() - tc
                 else:
-                    groups = [StatsGroup(names=[n], stats=None) for n in names]
+                    groups, routing = [StatsGroup(names=[t.name], stats=None) for t in targets], None
                 tensors, metrics = _compress_layer(
-                    index, prefix, layer, groups, method, out_dtype, opts.block_size, executor
+                    index, targets, layer, groups, method, out_dtype, opts.block_size, executor, routing
                 )
+                if opts.method_options.get("distill"):  # armor_vllm.offline.distill
+                    tensors, metrics = _distill(layer, targets, tensors, metrics, inputs,
+                                                dense_out if dense_next is None else dense_next, opts, out_dtype)
                 _save_layer(work, index, tensors, metrics)
             if inputs is not None:  # the next layer's inputs
                 tc = time.perf_counter()
                 if opts.order == "sequential":
                     # From what the checkpoint holds (factors in out_dtype), the same whether this
                     # layer was just compressed or read back on a resume: same bytes either way.
-                    _set_weights(layer, _rebuilt_from_tensors(prefix, tensors, opts.block_size, names))
+                    _set_weights(layer, targets, _rebuilt_from_tensors(targets, tensors, opts.block_size, method.uses_wrappers))
                     inputs = run_layer(layer, inputs)
                 else:
                     inputs = dense_out if dense_out is not None else run_layer(layer, inputs)
+                dense_inputs = dense_next
                 calib_seconds += time.perf_counter() - tc
             stream.release_layer(index)
             all_metrics.extend(metrics)
@@ -269,7 +305,7 @@ def run_offline(opts: OfflineOptions) -> dict:
         executor.close()
     del model, inputs, stream
 
-    summary = _assemble(opts, model_dir, partial, work, source_config, layer_prefix, all_metrics)
+    summary = _assemble(opts, model_dir, partial, work, source_config, plan, all_metrics)
     summary["seconds_total"] = time.perf_counter() - t0
     summary["seconds_calibration"] = calib_seconds
     summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -283,20 +319,17 @@ def run_offline(opts: OfflineOptions) -> dict:
     return summary
 
 
-def _assemble(opts, model_dir, partial, work, source_config, layer_prefix, metrics) -> dict:
-    """Write shards (dense tensors of the source plus every compressed layer), config and side files."""
-    compressed_prefixes = {f"{layer_prefix}.{m['layer']}.{m['name']}" for m in metrics}
-    owned = {f"{p}.{s}" for p in compressed_prefixes for s in ("weight", "bias")}
+def _assemble(opts, model_dir, partial, work, source_config, plan, metrics) -> dict:
+    """Write shards (dense tensors of the source plus every compressed layer), config and side files.
+    ``ignore`` lists every linear-like module the plan left dense, by its checkpoint name."""
+    owned = {name for m in metrics for name in m["replaces"]}
     writer = ShardWriter(partial)
     total_params = 0
-    dense_linears: list[str] = []
     for name, tensor in iter_tensors(model_dir):
         total_params += tensor.numel()
         if name in owned:
             continue
         writer.add(name, tensor)
-        if name.endswith(".weight") and tensor.dim() == 2 and not name.startswith(layer_prefix):
-            dense_linears.append(name[: -len(".weight")])
     pruned = 0
     wrapper_numbers = 0
     for index in sorted({m["layer"] for m in metrics}):
@@ -309,18 +342,18 @@ def _assemble(opts, model_dir, partial, work, source_config, layer_prefix, metri
                 wrapper_numbers += tensor.numel()
     shards = writer.close()
 
-    ignore = ["lm_head"] + [n for n in dense_linears if n != "lm_head" and "embed" not in n] + list(opts.ignore)
+    ignore = ["lm_head"] + plan.ignore()
     qcfg = ArmorConfig(
         block_size=opts.block_size,
         method=opts.method,
         targets=("Linear",),
         ignore=tuple(dict.fromkeys(ignore)),
         global_sparsity=round(pruned / max(total_params, 1), 6),
+        wrappers=get_method(opts.method).uses_wrappers,  # plain 2:4 methods store no wrappers (format v2)
         extra={"producer": {"name": "armor-vllm", "order": opts.order, "calib_samples": opts.calib_samples,
                             "seq_len": opts.seq_len, "seed": opts.seed, **opts.method_options}},
-    ).to_dict()
-    config = dict(source_config)
-    config["quantization_config"] = qcfg
+    )
+    config = armor_model_config(source_config, qcfg)
     write_json(partial / "config.json", config)
     copy_side_files(model_dir, partial)
     kept = pruned  # the stored values: as many as were pruned
@@ -334,8 +367,15 @@ def _assemble(opts, model_dir, partial, work, source_config, layer_prefix, metri
         "matrices": len(metrics),
         "shards": shards,
         "bytes_on_disk": sum((partial / s).stat().st_size for s in shards),
-        "global_sparsity": qcfg["sparsity_config"]["global_sparsity"],
+        "global_sparsity": qcfg.global_sparsity,
         "wrapper_overhead": (wrapper_numbers / kept) if kept else 0.0,
         "mean_proxy_loss": (sum(losses) / len(losses)) if losses else None,
         "seconds_compress": sum(m["seconds"] for m in metrics),
+        "model_type": plan.model_type,
+        "compressed_kinds": sorted({m["kind"] for m in metrics}),
+        "dense": [{"name": d.checkpoint, "reason": d.reason} for d in plan.dense],
+        "experts": len({(m["layer"], m["name"].rsplit(".", 1)[0]) for m in metrics if m["kind"] == "expert"}),
+        "experts_stats_fallback": len(
+            {(m["layer"], m["name"].rsplit(".", 1)[0]) for m in metrics if m.get("stats_fallback")}
+        ),
     }

@@ -1,5 +1,9 @@
 """ARMOR (Liu et al., arXiv 2510.05528): ``W ≈ A · S · B`` with a 2:4 core ``S`` and block-diagonal
-wrappers ``A`` (outputs) and ``B`` (inputs), found by block coordinate descent on the NoWag proxy loss
+wrappers ``A`` (outputs) and ``B`` (inputs). Two objectives (option ``objective``):
+
+* ``full`` (the default, ``armor_full.py``): the layer's output error ``tr(E H E^T)`` with the full,
+  SparseGPT-damped ``H = X^T X``, starting from a SparseGPT pruning (option ``init``);
+* ``diag`` (the paper's, this module): block coordinate descent on the NoWag proxy loss
 ``L = sum_ij h_j (A S B - W_n)_ij^2 / sum_ij h_j W_n_ij^2`` of the normalised weight ``W_n``
 (``armor_vllm.offline.objective``), starting from NoWag-P (``A = B = I``).
 
@@ -52,10 +56,19 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
-from armor_vllm.factorization import GROUP, check_block_size, identity_blocks, left_block_diag, right_block_diag
+from armor_vllm.factorization import (
+    GROUP,
+    check_block_size,
+    identity_blocks,
+    left_block_diag,
+    mask_from_scores,
+    right_block_diag,
+)
 from armor_vllm.format import ArmorLayer
-from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
+from armor_vllm.offline.methods.armor_full import FullArmorProblem, FullSchedule, optimise_full
+from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult, resolve_device
 from armor_vllm.offline.methods.nowag import nowag_mask
+from armor_vllm.offline.methods.sparsegpt import damped_hessian, sparsegpt_prune
 from armor_vllm.offline.objective import fold_normalisation, loss_scale, normalise
 
 # The 6 ways to keep 2 of 4: first and second kept position of each pattern, and one-hot selectors
@@ -84,6 +97,9 @@ class Schedule:
     damping: float = 1e-6
     max_seconds: float | None = None  # wall-time limit on the optimisation (best iterate kept)
 
+
+DEFAULT_OBJECTIVE = "full"
+DEFAULT_INIT = {"diag": "nowag", "full": "sparsegpt"}  # by objective
 
 PRESETS: dict[str, Schedule] = {
     "quick": Schedule(iterations=4),
@@ -114,9 +130,11 @@ def best_group_values(
     quad = quad.to(torch.float64)
     lin = lin.to(torch.float64)
     cur = current.to(torch.float64)
+    pick_first, pick_second, pick_aa, pick_ab, pick_bb = (
+        t.to(quad.device) for t in (_PICK_FIRST, _PICK_SECOND, _PICK_AA, _PICK_AB, _PICK_BB))
     flat = quad.reshape(*quad.shape[:-2], GROUP * GROUP)
-    q_aa, q_ab, q_bb = flat @ _PICK_AA, flat @ _PICK_AB, flat @ _PICK_BB  # (..., 6)
-    p_a, p_b = lin @ _PICK_FIRST, lin @ _PICK_SECOND
+    q_aa, q_ab, q_bb = flat @ pick_aa, flat @ pick_ab, flat @ pick_bb  # (..., 6)
+    p_a, p_b = lin @ pick_first, lin @ pick_second
     lam = damping * (q_aa + q_bb).sum(-1, keepdim=True) / (3 * GROUP) + 1e-30  # damping * trace(Q) / 4
     det = (q_aa + lam) * (q_bb + lam) - q_ab * q_ab
     s_a = -((q_bb + lam) * p_a - q_ab * p_b) / det
@@ -127,7 +145,7 @@ def best_group_values(
     current_value = ((quad @ cur.unsqueeze(-1)).squeeze(-1) * cur).sum(-1) + 2 * (cur * lin).sum(-1)
     improve = best_value < current_value
     chosen = torch.nn.functional.one_hot(best, 6).to(torch.float64)
-    new = (chosen * s_a) @ _PICK_FIRST.T + (chosen * s_b) @ _PICK_SECOND.T
+    new = (chosen * s_a) @ pick_first.T + (chosen * s_b) @ pick_second.T
     new = torch.where(improve.unsqueeze(-1), new, cur)
     decrease = torch.where(improve, current_value - best_value, torch.zeros_like(best_value))
     return new.to(current.dtype), decrease
@@ -139,9 +157,11 @@ class ArmorProblem:
     ``a`` (n_row_blocks, bs, bs) and ``core`` (rows, d_in) are stacked; ``b`` is (n_mat, n_col_blocks,
     bs, bs), one wrapper per matrix; ``mask`` the 2:4 mask of ``core``. All in the normalised space."""
 
-    def __init__(self, targets: list[torch.Tensor], h: torch.Tensor, block_size: int, damping: float = 1e-6):
+    def __init__(self, targets: list[torch.Tensor], h: torch.Tensor, block_size: int, damping: float = 1e-6,
+                 init_cores: list[torch.Tensor] | None = None):
+        device = targets[0].device
         self.bs = block_size
-        self.h = h.to(torch.float32)
+        self.h = h.to(device=device, dtype=torch.float32)
         self.damping = damping
         self.target = torch.cat(targets).to(torch.float32)
         rows, d_in = self.target.shape
@@ -151,13 +171,17 @@ class ArmorProblem:
             self.slices.append(slice(start, start + t.shape[0]))
             start += t.shape[0]
         self.matrix_of_row_block = torch.cat(
-            [torch.full((t.shape[0] // block_size,), m, dtype=torch.long) for m, t in enumerate(targets)]
+            [torch.full((t.shape[0] // block_size,), m, dtype=torch.long, device=device) for m, t in enumerate(targets)]
         )
         self.scales = torch.stack([loss_scale(t.to(torch.float64), self.h.double()) for t in targets])
-        self.mask = nowag_mask(self.target, self.h)
-        self.core = self.target * self.mask
-        self.a = identity_blocks(rows, block_size)
-        self.b = identity_blocks(d_in, block_size).expand(len(targets), -1, -1, -1).clone()
+        if init_cores is None:  # NoWag-P: the best plain 2:4 core of this loss
+            self.mask = nowag_mask(self.target, self.h)
+            self.core = self.target * self.mask
+        else:  # another pruning (normalised like the targets), its zeros pruned
+            self.core = torch.cat(init_cores).to(device=device, dtype=torch.float32)
+            self.mask = self.core != 0
+        self.a = identity_blocks(rows, block_size, device=device)
+        self.b = identity_blocks(d_in, block_size, device=device).expand(len(targets), -1, -1, -1).clone()
         self.weighted_target = self.target * self.h
         self.iterations_run = 0  # rounds (alternating) or Adam iterations done by ``optimise``
 
@@ -187,7 +211,7 @@ class ArmorProblem:
         """``gram^-1 rhs`` for a batch of symmetric PSD ``gram``, relatively damped, in float64."""
         gram = gram.double()
         lam = self.damping * torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1) + 1e-12
-        gram = gram + lam[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
+        gram = gram + lam[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         return torch.linalg.solve(gram, rhs.double())
 
     def solve_a(self) -> None:
@@ -254,9 +278,10 @@ class ArmorProblem:
         ``4 * group[k, l]`` of the tile. Updates ``core``, ``mask`` and ``residual`` in place and
         returns the loss decrease of every tile (unnormalised)."""
         bs, n_rb, n_cb = self.bs, self.n_rb, self.n_cb
-        k = torch.arange(n_rb)[:, None].expand(n_rb, n_cb)
-        l = torch.arange(n_cb)[None, :].expand(n_rb, n_cb)
-        cols = (GROUP * group)[..., None] + torch.arange(GROUP)  # (n_rb, n_cb, 4), inside the tile
+        device = self.core.device
+        k = torch.arange(n_rb, device=device)[:, None].expand(n_rb, n_cb)
+        l = torch.arange(n_cb, device=device)[None, :].expand(n_rb, n_cb)
+        cols = (GROUP * group)[..., None] + torch.arange(GROUP, device=device)  # (n_rb, n_cb, 4), inside the tile
         if b_rows is None:
             b_rows = self.b[self.matrix_of_row_block]  # (n_rb, n_cb, bs, bs)
         b_group = b_rows[k[..., None], l[..., None], cols]  # (n_rb, n_cb, 4, bs): rows of B_l
@@ -308,8 +333,8 @@ class ArmorProblem:
         mask4 = self.mask.view(n_rb, bs, n_cb, bs)
         for chunk_start in range(0, len(order), rows_per_flush):
             chunk = order[chunk_start : chunk_start + rows_per_flush]
-            rows = torch.tensor([r for r, _ in chunk])
-            pending = torch.zeros(n_rb, len(chunk), d_in)
+            rows = torch.tensor([r for r, _ in chunk], device=self.core.device)
+            pending = torch.zeros(n_rb, len(chunk), d_in, device=self.core.device)
             for i, (r, groups) in enumerate(chunk):
                 coupling = gram_a[:, r, rows[: i + 1]].unsqueeze(1)  # (n_rb, 1, i+1)
                 for c in groups:
@@ -333,7 +358,7 @@ class ArmorProblem:
         grad = left_block_diag(self.a.transpose(1, 2), self.times_b(residual * self.h, transpose=True))
         per_group = grad.abs().reshape(self.n_rb, self.bs, self.n_cb, self.bs // GROUP, GROUP).sum(-1)
         weights = per_group.permute(0, 2, 1, 3).reshape(self.n_rb * self.n_cb, -1) + 1e-30
-        pick = torch.multinomial(weights, 1, generator=generator).reshape(self.n_rb, self.n_cb)
+        pick = torch.multinomial(weights.cpu(), 1, generator=generator).to(weights.device).reshape(self.n_rb, self.n_cb)
         self.group_step(residual, pick // (self.bs // GROUP), pick % (self.bs // GROUP))
 
     # ---- the reference's continuous step ------------------------------------------------------
@@ -450,12 +475,60 @@ def _optimise_adam(problem, schedule, generator, start, best_loss, best, progres
     return losses
 
 
+OBJECTIVES = ("diag", "full")
+INITS = ("nowag", "sparsegpt", "wanda")
+FULL_PRESETS: dict[str, FullSchedule] = {
+    "quick": FullSchedule(iterations=3),
+    "default": FullSchedule(iterations=8),
+}
+
+
+def full_schedule_from_options(options: dict) -> FullSchedule:
+    """The full-objective schedule of ``options['preset']`` with explicit overrides."""
+    preset = options.get("preset", "default")
+    if preset not in FULL_PRESETS:
+        raise ValueError(f"ARMOR preset {preset!r} is not one of {sorted(FULL_PRESETS)} for --objective full")
+    fields = {k: options[k] for k in FullSchedule.__dataclass_fields__ if k in options}
+    return replace(FULL_PRESETS[preset], **fields)
+
+
+def initial_cores(weights: dict[str, torch.Tensor], stats: InputStats, init: str, damp: float) -> dict[str, torch.Tensor]:
+    """The plain 2:4 pruning ARMOR starts from (``A = B = I``), in the original weight space."""
+    if init == "sparsegpt":
+        hessian = stats.hessian()
+        return {n: sparsegpt_prune(w, hessian, damp=damp)[0] for n, w in weights.items()}
+    if init == "wanda":
+        act_norm = stats.sq.to(device=next(iter(weights.values())).device, dtype=torch.float32).sqrt()
+        return {n: w * mask_from_scores(w.abs() * act_norm) for n, w in weights.items()}
+    h = stats.channel_importance().to(next(iter(weights.values())).device)
+    return {n: w * nowag_mask(normalise(w)[0], h) for n, w in weights.items()}
+
+
 class Armor(CompressionMethod):
+    """Options beyond the schedule's: ``objective`` (``diag``: the NoWag proxy of the paper;
+    ``full``: the output error ``tr(E H E^T)``, ``armor_full``), ``init`` (``nowag``, ``sparsegpt``,
+    ``wanda``: the pruning ARMOR starts from), ``damp`` (SparseGPT's relative damping of ``H``),
+    ``device`` (``cpu``/``cuda``: where the optimisation runs)."""
+
     name = "armor"
     uses_wrappers = True
 
+    def __init__(self, block_size: int = 32, seed: int = 0, **options):
+        super().__init__(block_size=block_size, seed=seed, **options)
+        self.objective = options.get("objective", DEFAULT_OBJECTIVE)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective {self.objective!r} is not one of {list(OBJECTIVES)}")
+        self.init = options.get("init", DEFAULT_INIT[self.objective])
+        if self.init not in INITS:
+            raise ValueError(f"--init {self.init!r} is not one of {list(INITS)}")
+        if self.objective == "full" and options.get("preset") == "paper":
+            raise ValueError("--preset paper is the reference's schedule for --objective diag only")
+        self.device = resolve_device(options.get("device"))
+        # the schedule is validated here, so that a bad preset fails before any work
+        self.schedule = (full_schedule_from_options if self.objective == "full" else schedule_from_options)(options)
+        self.needs_full_hessian = self.objective == "full" or self.init == "sparsegpt"
+
     def compress(self, weights: dict[str, torch.Tensor], stats: InputStats) -> dict[str, LayerResult]:
-        schedule = schedule_from_options(self.options)
         names = list(weights)
         if self.block_size % GROUP:
             raise ValueError(f"block size {self.block_size} must be a multiple of {GROUP} for 2:4 groups")
@@ -463,12 +536,20 @@ class Armor(CompressionMethod):
             d_out, d_in = weights[name].shape
             check_block_size(d_out, self.block_size, what=f"output dimension of {name} ({d_out}x{d_in})")
             check_block_size(d_in, self.block_size, what=f"input dimension of {name} ({d_out}x{d_in})")
+        weights = {n: w.to(device=self.device, dtype=torch.float32) for n, w in weights.items()}
+        stats = stats.to(self.device)
+        damp = float(self.options.get("damp", 0.01))
+        start = time.perf_counter()
+        cores = initial_cores(weights, stats, self.init, damp) if self.init != "nowag" or self.objective == "full" else None
+        if self.objective == "full":
+            return self._compress_full(weights, stats, cores, damp, start)
+        schedule = self.schedule
         h = stats.channel_importance()
         results: dict[str, LayerResult] = {}
         # Stack the matrices of equal d_in (all of them, as they share the stats).
-        normalised = {name: normalise(weights[name].to(torch.float32)) for name in names}
-        start = time.perf_counter()
-        problem = ArmorProblem([normalised[n][0] for n in names], h, self.block_size, schedule.damping)
+        normalised = {name: normalise(weights[name]) for name in names}
+        init_n = None if cores is None else [normalised[n][1].apply(cores[n]) for n in names]
+        problem = ArmorProblem([normalised[n][0] for n in names], h, self.block_size, schedule.damping, init_n)
         loss_start = problem.losses()
         loss_end = optimise(problem, schedule, seed=self.seed, progress=bool(self.options.get("progress", False)))
         seconds = time.perf_counter() - start
@@ -476,7 +557,7 @@ class Armor(CompressionMethod):
             s = problem.slices[m]
             blocks = slice(s.start // problem.bs, s.stop // problem.bs)
             a_blocks, b_blocks = fold_normalisation(problem.a[blocks], problem.b[m], normalised[name][1])
-            layer = ArmorLayer(a_blocks.contiguous(), problem.core[s].contiguous(), b_blocks.contiguous())
+            layer = ArmorLayer(a_blocks.contiguous().cpu(), problem.core[s].contiguous().cpu(), b_blocks.contiguous().cpu())
             results[name] = LayerResult(
                 layer,
                 {
@@ -486,4 +567,26 @@ class Armor(CompressionMethod):
                     "seconds": seconds,  # of the whole call (all matrices optimised together)
                 },
             )
+        return results
+
+    def _compress_full(self, weights, stats, cores, damp, start) -> dict[str, LayerResult]:
+        schedule = self.schedule
+        names = list(weights)
+        hessian, _ = damped_hessian(stats.hessian(), damp)
+        problem = FullArmorProblem([weights[n] for n in names], hessian, self.block_size,
+                                   [cores[n] for n in names], schedule.damping)
+        loss_start = problem.losses()
+        loss_end = optimise_full(problem, schedule, progress=bool(self.options.get("progress", False)), seed=self.seed)
+        seconds = time.perf_counter() - start
+        results = {}
+        for m, name in enumerate(names):
+            s, blocks = problem.slices[m], problem.row_blocks(m)
+            layer = ArmorLayer(problem.a[blocks].contiguous().cpu(), problem.core[s].contiguous().cpu(),
+                               problem.b[m].contiguous().cpu())
+            results[name] = LayerResult(layer, {
+                "hessian_loss_start": float(loss_start[m]),  # tr(E H E^T) / tr(W H W^T), H damped
+                "hessian_loss_end": float(loss_end[m]),
+                "iterations": problem.iterations_run,
+                "seconds": seconds,
+            })
         return results

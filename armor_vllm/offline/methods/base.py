@@ -36,11 +36,31 @@ class InputStats:
         fill = h[valid].mean() if bool(valid.any()) else torch.tensor(1.0, dtype=h.dtype)
         return torch.where(valid, h, fill).to(torch.float32)
 
+    def to(self, device: torch.device | str) -> "InputStats":
+        """The same statistics on ``device`` (no copy when already there)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return InputStats(sq=move(self.sq), n_tokens=self.n_tokens, xtx=move(self.xtx))
+
     def hessian(self) -> torch.Tensor:
         """``H = (2/N) X^T X`` in float64 (needs ``xtx``)."""
         if self.xtx is None:
             raise ValueError("these statistics hold no full X^T X; the method must set needs_full_hessian")
         return (2.0 / max(self.n_tokens, 1)) * self.xtx
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``--device``: ``cpu``, ``cuda`` (or ``cuda:N``); ``None`` means ``cuda`` when available."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device is available here")
+    return resolved
 
 
 @dataclass

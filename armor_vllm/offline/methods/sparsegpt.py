@@ -13,19 +13,27 @@ from __future__ import annotations
 import torch
 
 from armor_vllm.factorization import GROUP, mask_from_scores
-from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
+from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult, resolve_device
 from armor_vllm.offline.methods.magnitude import plain_24_layer
 from armor_vllm.offline.objective import relative_proxy_loss
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (float64), and the mask of
-    dead input channels (zero diagonal), whose Hessian rows are replaced by the identity."""
+def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's damping of ``H`` (float64): dead input channels (zero diagonal) get a unit
+    diagonal, then ``damp * mean(diag H)`` is added to the diagonal. Returns it and the dead mask.
+    The quadratic ``tr(E H_damped E^T)`` is the objective SparseGPT's updates are exact for."""
     hessian = hessian.to(torch.float64).clone()
     dead = torch.diagonal(hessian) == 0
     hessian[dead, dead] = 1.0
     diag = torch.diagonal(hessian)
     diag += damp * diag.mean()
+    return hessian, dead
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (float64), and the mask of
+    dead input channels (zero diagonal), whose Hessian rows are replaced by the identity."""
+    hessian, dead = damped_hessian(hessian, damp)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
     return torch.linalg.cholesky(inverse, upper=True), dead
 
@@ -47,7 +55,7 @@ def sparsegpt_prune(
     hinv_chol, dead = inverse_hessian_cholesky(hessian, damp)
     w = weight.to(torch.float64).clone()
     w[:, dead] = 0.0
-    keep = torch.zeros(d_out, d_in, dtype=torch.bool) if keep_mask is None else keep_mask.clone()
+    keep = torch.zeros(d_out, d_in, dtype=torch.bool, device=weight.device) if keep_mask is None else keep_mask.clone()
     for start in range(0, d_in, block_columns):
         stop = min(start + block_columns, d_in)
         w_block = w[:, start:stop].clone()
@@ -76,6 +84,9 @@ class SparseGPT(CompressionMethod):
     needs_full_hessian = True
 
     def compress(self, weights: dict[str, torch.Tensor], stats: InputStats) -> dict[str, LayerResult]:
+        device = resolve_device(self.options.get("device"))
+        weights = {n: w.to(device) for n, w in weights.items()}
+        stats = stats.to(device)
         hessian = stats.hessian()
         h = stats.channel_importance()
         damp = float(self.options.get("damp", 0.01))
@@ -84,11 +95,15 @@ class SparseGPT(CompressionMethod):
         for name, weight in weights.items():
             pruned, keep = sparsegpt_prune(weight, hessian, damp=damp, block_columns=block_columns)
             diff = (pruned - weight).to(torch.float64)
-            hessian_loss = float(torch.einsum("ij,jk,ik->", diff, hessian, diff)) / max(
-                float(torch.einsum("ij,jk,ik->", weight.double(), hessian, weight.double())), 1e-30
-            )
+
+            def relative(hess):
+                return float(torch.einsum("ij,jk,ik->", diff, hess, diff)) / max(
+                    float(torch.einsum("ij,jk,ik->", weight.double(), hess, weight.double())), 1e-30)
+
             results[name] = LayerResult(
-                plain_24_layer(pruned, keep, self.block_size),
-                {"loss_end": relative_proxy_loss(pruned, weight, h), "hessian_loss": hessian_loss},
+                plain_24_layer(pruned.cpu(), keep.cpu(), self.block_size),
+                {"loss_end": relative_proxy_loss(pruned, weight, h), "hessian_loss": relative(hessian),
+                 # on the damped H its updates are exact for (ARMOR's full objective reports this one)
+                 "hessian_loss_damped": relative(damped_hessian(hessian, damp)[0])},
             )
         return results

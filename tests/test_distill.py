@@ -1,0 +1,112 @@
+"""Distillation after compression (``armor_vllm.offline.distill``): on a small layer it lowers the
+output error against the dense layer with the 2:4 masks unchanged, refuses targets it cannot
+handle, and runs inside the offline pass without changing the checkpoint format."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from armor_vllm.factorization import identity_blocks, mask_from_scores
+from armor_vllm.format import ArmorLayer
+from armor_vllm.offline.distill import DistillOptions, distill_layer
+
+
+class TwoLinears(nn.Module):
+    def __init__(self, d=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.up = nn.Linear(d, 2 * d, bias=False)
+        self.down = nn.Linear(2 * d, d, bias=False)
+
+    def forward(self, x, scale=1.0):
+        return (self.down(torch.relu(self.up(x))) * scale,)
+
+
+def pruned_factors(layer, bs=8):
+    out = {}
+    for name in ("up", "down"):
+        w = getattr(layer, name).weight.detach()
+        out[name] = ArmorLayer(identity_blocks(w.shape[0], bs), w * mask_from_scores(w.abs()), identity_blocks(w.shape[1], bs))
+    return out
+
+
+def test_distill_lowers_the_layer_error_and_keeps_the_masks():
+    layer = TwoLinears()
+    targets = [SimpleNamespace(name=n, module=n, kind="linear", checkpoint=f"layers.0.{n}") for n in ("up", "down")]
+    hidden = [torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with torch.no_grad():
+        dense = [layer(h, scale=2.0)[0] for h in hidden]
+    factors = pruned_factors(layer)
+    batches = [(h, (), {"scale": 2.0}) for h in hidden]
+    tuned, info = distill_layer(layer, targets, factors, batches, dense,
+                                DistillOptions(steps=60, lr=3e-3, max_seconds=None))
+    assert info["distill_kept"] == 1.0 and info["distill_steps"] == 60
+    assert info["distill_mse_after"] < 0.7 * info["distill_mse_before"]
+    for name in ("up", "down"):
+        assert torch.equal(tuned[name].core != 0, factors[name].core != 0)  # masks fixed
+        assert not torch.equal(tuned[name].wrapper_out, factors[name].wrapper_out)  # wrappers tuned
+
+
+def test_distill_keeps_the_given_factors_when_it_does_not_help():
+    layer = TwoLinears()
+    targets = [SimpleNamespace(name=n, module=n, kind="linear", checkpoint=n) for n in ("up", "down")]
+    hidden = [torch.randn(2, 4, 16)]
+    factors = pruned_factors(layer)
+    with torch.no_grad():  # the pruned layer's own outputs: the error starts at 0
+        w = {f"{n}.weight": f.weight() for n, f in factors.items()}
+        dense = [torch.func.functional_call(layer, w, (hidden[0],))[0]]
+    tuned, info = distill_layer(layer, targets, factors, [(hidden[0], (), {})], dense, DistillOptions(steps=5, lr=1e-2))
+    assert info["distill_kept"] == 0.0 and tuned is factors
+
+
+def test_distill_refuses_expert_targets():
+    layer = TwoLinears()
+    targets = [SimpleNamespace(name="up", module="up", kind="expert", checkpoint="layers.0.experts.0.up")]
+    with pytest.raises(ValueError, match="experts.0.up"):
+        distill_layer(layer, targets, pruned_factors(layer), [(torch.randn(1, 2, 16), (), {})], [torch.randn(1, 2, 16)])
+
+
+def test_distill_in_the_offline_pass(tiny_model_dir, tmp_path):
+    from armor_vllm.checkpoint import load_dense_hf_model
+    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+    out = tmp_path / "distilled"
+    run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(out), method="armor", block_size=16,
+                               calib_samples=4, seq_len=64,
+                               method_options={"preset": "quick", "iterations": 1, "distill": True, "distill_steps": 4}))
+    matrices = json.loads((out / "armor_report.json").read_text())["matrices"]
+    assert all(m["distill_steps"] == 4 for m in matrices)
+    assert all(m["distill_mse_after"] <= m["distill_mse_before"] for m in matrices)
+    assert any(m["distill_kept"] == 1.0 for m in matrices)
+    load_dense_hf_model(out)  # the format is unchanged: it loads and validates
+    with pytest.raises(ValueError, match="--method armor"):
+        run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "w"), method="wanda",
+                                   calib_samples=4, seq_len=64, method_options={"distill": True}))
+
+
+def test_output_aware_distillation_follows_the_dense_model(tiny_model_dir, tmp_path):
+    """--distill-target dense: the targets are the dense model's own hidden states; after the first
+    layer they differ from the dense layer's outputs on the compressed inputs, so the measured
+    errors differ from a --distill-target layer run, and both runs stay valid checkpoints."""
+    from armor_vllm.checkpoint import load_dense_hf_model
+    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+    errors = {}
+    for target in ("layer", "dense"):
+        out = tmp_path / target
+        run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(out), method="armor", block_size=16,
+                                   calib_samples=4, seq_len=64,
+                                   method_options={"preset": "quick", "iterations": 1, "distill": True,
+                                                   "distill_steps": 2, "distill_target": target}))
+        matrices = json.loads((out / "armor_report.json").read_text())["matrices"]
+        errors[target] = [m["distill_mse_before"] for m in matrices if m["layer"] == 1][0]
+        load_dense_hf_model(out)
+    assert errors["dense"] > errors["layer"]  # upstream error is part of what the dense target asks to fix
+    with pytest.raises(ValueError, match="distill-target"):
+        run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "bad"), method="armor",
+                                   calib_samples=4, seq_len=64, method_options={"distill": True, "distill_target": "x"}))
