@@ -61,6 +61,15 @@ def right_block_diag(m: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return apply_block_diag(m, blocks.transpose(1, 2))
 
 
+def stacked_row_slices(matrices: list[torch.Tensor]) -> list[slice]:
+    """The row range of each matrix when ``matrices`` are stacked along their outputs (``torch.cat``)."""
+    slices, start = [], 0
+    for m in matrices:
+        slices.append(slice(start, start + m.shape[0]))
+        start += m.shape[0]
+    return slices
+
+
 def reconstruct(a_blocks: torch.Tensor | None, core: torch.Tensor, b_blocks: torch.Tensor | None) -> torch.Tensor:
     """The dense weight ``A · S · B`` (``d_out x d_in``), computed block by block; a wrapper given
     as ``None`` is the identity (a plain 2:4 layer stored without wrappers)."""

@@ -320,12 +320,13 @@ class ArmorConfig:
     def is_compressed(self, module_name: str, class_name: str = "Linear") -> bool:
         """Whether the linear ``module_name`` is stored in the ARMOR layout (compressed-tensors'
         matching rules: a class name, an exact module name, or ``re:`` followed by a pattern)."""
-        return _matches(module_name, class_name, self.targets) and not _matches(
-            module_name, class_name, self.ignore
-        )
+        return (matches_module(module_name, self.targets, class_name)
+                and not matches_module(module_name, self.ignore, class_name))
 
 
-def _matches(name: str, class_name: str, patterns: tuple[str, ...]) -> bool:
+def matches_module(name: str, patterns, class_name: str | None = None) -> bool:
+    """compressed-tensors' matching rules: a class name, an exact module name or its last
+    components, or ``re:`` followed by a regular expression (``re.match``)."""
     for pattern in patterns:
         if pattern.startswith("re:"):
             if re.match(pattern[3:], name):

@@ -215,8 +215,7 @@ def bench(args, device, errors) -> dict:
             q_rows = MODELS[model]["qkv"][0]
             common = [m for m in METHODS if all(m in per_layer[k] for k in per_layer)]
 
-            def block(m, x):
-                f = per_layer
+            def block(m, x, f=per_layer):
                 h = f["qkv"][m](x)
                 a = f["o"][m](h[:, :q_rows].contiguous())
                 gu = f["gate_up"][m](x + a)
@@ -227,7 +226,7 @@ def bench(args, device, errors) -> dict:
                 blocks, lambda t: torch.randn(t, hidden, device=device, dtype=dtype),
                 args.tokens, timer, errors, f"{model}/{dtype_name}/block",
             )
-            del per_layer, blocks
+            del blocks
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return result

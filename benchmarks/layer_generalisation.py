@@ -10,10 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import sys, time, json, torch
+import sys, time, torch
 from safetensors.torch import load_file
 from armor_vllm.offline.methods.base import InputStats
-from armor_vllm.offline.methods.armor import Armor
 from armor_vllm.offline.methods import get_method
 from armor_vllm.factorization import reconstruct
 torch.set_num_threads(1)

@@ -4,7 +4,6 @@ runner that executes vLLM in a child process (vLLM spawns workers; a child keeps
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,24 +54,28 @@ def random_armor_layer(rows: int, cols: int, bs: int, seed: int = 0, spread: flo
     return ArmorLayer(a, core, b, torch.randn(rows, generator=gen) if bias else None)
 
 
-def run_vllm(model_dir: Path, request: dict, env: dict | None = None, timeout: int = 900,
-             runner: Path = VLLM_RUNNER) -> dict:
-    """Run tests/vllm_runner.py (or another ``runner`` with its interface) in a child process and
-    return its JSON answer."""
-    out = Path(request.setdefault("out", str(Path(model_dir).parent / f"vllm-{os.getpid()}-{id(request)}.json")))
-    proc = subprocess.run(
-        [sys.executable, str(runner), str(model_dir), json.dumps(request)],
-        env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-    )
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        raise RuntimeError(f"vLLM runner failed (exit {proc.returncode}):\n{tail}")
-    result = json.loads(out.read_text())
-    if "error" in result:  # vLLM's root cause is in the child's log, not in the exception chain
-        result["log_tail"] = "\n".join(
-            line for line in (proc.stdout + proc.stderr).splitlines() if "Attempted to load weight" not in line
-        )[-4000:]
-    return result
+def run_vllm_jobs(jobs: list[dict], timeout: int = 1800) -> list[dict]:
+    """Run vLLM jobs ``{"model", "request", "env", "standin"}`` one after the other in ONE child
+    process (tests/vllm_runner.py: vLLM in-process, a fresh engine per job) and return each job's
+    JSON answer. Batching saves a vLLM start-up (tens of seconds on 2 cores) per job."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="vllm-jobs-"))
+    jobs = [{**job, "model": str(job["model"]), "out": str(work / f"job-{i}.json")} for i, job in enumerate(jobs)]
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run([sys.executable, str(VLLM_RUNNER), str(work / "jobs.json")],
+                          capture_output=True, text=True, timeout=timeout)
+    log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "Attempted to load weight" not in line)
+    results = []
+    for job in jobs:
+        out = Path(job["out"])
+        if not out.is_file():
+            raise RuntimeError(f"vLLM runner (exit {proc.returncode}) wrote no result for {job['model']}:\n{log[-6000:]}")
+        result = json.loads(out.read_text())
+        if "error" in result:  # vLLM's root cause is in the child's log, not in the exception chain
+            result["log_tail"] = log[-4000:]
+        results.append(result)
+    return results
 
 
 @pytest.fixture(scope="session")

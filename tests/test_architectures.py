@@ -18,7 +18,6 @@ import torch
 from armor_vllm.checkpoint import dense_state_dict, load_dense_hf_model, load_tensors, read_armor_config
 from armor_vllm.factorization import is_24_sparse
 from armor_vllm.offline.pipeline import OfflineOptions, run_offline
-from conftest import run_vllm
 from tiny_archs import ARCHS, make_tiny
 
 # Also supported: GPT-2 (transformers Conv1D, fused c_attn), and offline only (outside the issue's
@@ -131,27 +130,29 @@ def _hf_reference(out, prompt_ids):
     return greedy, logprobs
 
 
-def _check_vllm(out, tokenizer, **request):
+@pytest.fixture(scope="module")
+def vllm_runs(compressed, tokenizer):
+    """Every architecture's ARMOR checkpoint in vLLM (float32, eager), all in one runner process (one
+    fresh engine per model), with transformers' greedy tokens and prompt logprobs beside each."""
+    from conftest import run_vllm_jobs
+
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    outs = {arch: compressed(arch, "armor")[1] for arch in VLLM_ARCHS}
+    jobs = [{"model": out, "request": {"prompt_ids": prompt_ids, "max_tokens": 8, "dtype": "float32"}}
+            for out in outs.values()]
+    results = dict(zip(outs, run_vllm_jobs(jobs)))
+    return {arch: (outs[arch], results[arch], _hf_reference(outs[arch], prompt_ids)) for arch in outs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", VLLM_ARCHS)
+def test_vllm_matches_transformers(arch, vllm_runs):
+    out, result, (greedy, logprobs) = vllm_runs[arch]
     cfg = read_armor_config(out)
     assert cfg.method == "armor" and cfg.wrappers  # A and B must be applied (split per part, per expert)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    greedy, logprobs = _hf_reference(out, prompt_ids)
-    # A tiny model needs little KV cache: reserve 5% of RAM rather than vLLM's 30%, so that a vLLM
-    # process started beside others (CI, a shared machine) still finds its memory.
-    llm_kwargs = {"gpu_memory_utilization": 0.05, **request.pop("llm_kwargs", {})}
-    result = run_vllm(out, {"prompt_ids": prompt_ids, "max_tokens": 8, "dtype": "float32", "llm_kwargs": llm_kwargs},
-                      **request)
-    assert "error" not in result, result
+    assert "error" not in result, (result.get("error"), result.get("log_tail"))
     assert result["greedy_ids"] == greedy
     for got, expect in zip(result["prompt_logprobs"], logprobs):
         assert got[0] is None and len(got) - 1 == len(expect)
         for g, e in zip(got[1:], expect):
             assert math.isclose(g, e, abs_tol=1e-3), (arch, g, e)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", VLLM_ARCHS)
-def test_vllm_matches_transformers(arch, compressed, tokenizer):
-    _, out, _ = compressed(arch, "armor")
-    _check_vllm(out, tokenizer)
-

@@ -22,7 +22,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from armor_vllm.kernels import FactoredKernel, FoldedKernel, KERNEL_MODES, select_kernel, standin
 from armor_vllm.kernels import backends as kb

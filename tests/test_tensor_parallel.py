@@ -101,8 +101,6 @@ def use_kernel(monkeypatch):
         return torch.float32, 1e-4
 
     yield use
-    from armor_vllm.kernels import standin
-
     standin.uninstall()
 
 
@@ -262,7 +260,7 @@ def tp_runs(tp_checkpoint):
     from transformers import AutoTokenizer
 
     from armor_vllm.checkpoint import load_dense_hf_model
-    from conftest import run_vllm
+    from conftest import run_vllm_jobs
 
     tok = AutoTokenizer.from_pretrained(tp_checkpoint)
     prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
@@ -275,15 +273,16 @@ def tp_runs(tp_checkpoint):
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
             lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
             hf["prompt_logprobs"].append([None, *lp.tolist()])
+    configs = {"tp1": (1, "folded", True), "tp2-folded": (2, "folded", True), "tp2-factored": (2, "factored", True),
+               "tp1-folded-compiled": (1, "folded", False), "tp1-factored-compiled": (1, "factored", False)}
+    jobs = [{"model": tp_checkpoint, "env": {"ARMOR_VLLM_KERNEL": kernel, **(TP2_ENV if tp == 2 else {})},
+             "request": {"prompt_ids": prompt_ids, "max_tokens": 8, "dtype": "float32", "enforce_eager": eager,
+                         "llm_kwargs": {"tensor_parallel_size": tp}}}
+            for tp, kernel, eager in configs.values()]
     runs = {"hf": hf}
-    for name, tp, kernel, eager in [("tp1", 1, "folded", True), ("tp2-folded", 2, "folded", True),
-                                    ("tp2-factored", 2, "factored", True),
-                                    ("tp1-folded-compiled", 1, "folded", False),
-                                    ("tp1-factored-compiled", 1, "factored", False)]:
-        request = {"prompt_ids": prompt_ids, "max_tokens": 8, "dtype": "float32", "enforce_eager": eager,
-                   "llm_kwargs": {"tensor_parallel_size": tp}}
-        runs[name] = run_vllm(tp_checkpoint, request, env={"ARMOR_VLLM_KERNEL": kernel, **(TP2_ENV if tp == 2 else {})})
-        assert "error" not in runs[name], (name, runs[name])
+    for name, result in zip(configs, run_vllm_jobs(jobs)):
+        assert "error" not in result, (name, result.get("error"), result.get("log_tail"))
+        runs[name] = result
     return runs
 
 

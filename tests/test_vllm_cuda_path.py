@@ -1,8 +1,9 @@
 """The CUDA serving path through vLLM, on CPU: the factored kernel with the cuSPARSELt backend — the
 path every GPU user runs — served by vLLM end to end, with the raw sparse ops replaced by their CPU
-stand-ins (``armor_vllm.kernels.standin``, installed in every vLLM process by
-``tests/standin_site/sitecustomize.py``). Eager and vLLM's default compiled mode, fused q/k/v and
-gate/up, tensor parallelism 2, an ARMOR checkpoint and a plain 2:4 one.
+stand-ins (``armor_vllm.kernels.standin``, installed by ``tests/vllm_runner.py`` and, in
+tensor-parallel worker processes, by ``tests/standin_site/sitecustomize.py``). Eager and vLLM's
+default compiled mode, fused q/k/v and gate/up, tensor parallelism 2, an ARMOR checkpoint and a
+plain 2:4 one.
 
 All runs are fp16 (the sparse backends take only fp16/bf16). References:
 
@@ -19,40 +20,52 @@ every rank was really served by the sparse path (no silent fallback to a dense w
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-from conftest import run_vllm
+from conftest import run_vllm_jobs
 
 pytestmark = pytest.mark.slow
 
-STANDIN_SITE = Path(__file__).resolve().parent / "standin_site"
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "In Python, a list comprehension"]
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank on this single-NUMA machine
 N_LINEARS = 2 * 4  # 2 decoder layers x (qkv, o, gate_up, down)
+# name: (checkpoint fixture, kernel, eager, tensor-parallel size, stand-in, extra env)
+RUNS = {
+    "reference": ("tp_checkpoint", "factored", True, 1, False, {}),
+    "cusparselt": ("tp_checkpoint", "cusparselt", True, 1, True, {}),
+    "cusparselt-compiled": ("tp_checkpoint", "cusparselt", False, 1, True, {}),
+    # ARMOR_DENSE_BELOW=0 keeps the 2:4 path: on this CPU the dense matmul would win every measurement.
+    "auto-tp2": ("tp_checkpoint", "auto", True, 2, True, {"ARMOR_DENSE_BELOW": "0", **TP2_ENV}),
+    "plain-folded": ("tp_plain_checkpoint", "folded", True, 1, False, {}),
+    "plain-cusparselt-compiled": ("tp_plain_checkpoint", "cusparselt", False, 1, True, {}),
+}
 
 
-def serve(model_dir: Path, kernel: str, *, eager: bool = True, tp: int = 1, standin: bool = True, tag: str = "",
-          env: dict | None = None) -> dict:
+@pytest.fixture(scope="module")
+def runs(request, tp_checkpoint):
+    """Every run of ``RUNS`` (fp16), in one runner process; each with the kernels that served it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    name = f"{kernel}-{'eager' if eager else 'compiled'}-tp{tp}{tag}"
-    report = model_dir.parent / f"kernels-{name}.jsonl"
-    report.unlink(missing_ok=True)
-    env = {"ARMOR_VLLM_KERNEL": kernel, "ARMOR_VLLM_KERNEL_REPORT": str(report), **(TP2_ENV if tp == 2 else {}),
-           **(env or {})}
-    if standin:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STANDIN_SITE), os.environ.get("PYTHONPATH")) if p)
-    request = {"prompt_ids": [tok(p)["input_ids"] for p in PROMPTS], "max_tokens": 8, "dtype": "float16",
-               "enforce_eager": eager, "llm_kwargs": {"tensor_parallel_size": tp},
-               "out": str(model_dir.parent / f"vllm-{name}.json")}
-    result = run_vllm(model_dir, request, env=env)
-    assert "error" not in result, (name, result.get("error"), result.get("log_tail"))
-    result["kernels"] = [json.loads(line) for line in report.read_text().splitlines()]
-    return result
+    tok = AutoTokenizer.from_pretrained(tp_checkpoint)
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    jobs, reports = [], {}
+    for name, (fixture, kernel, eager, tp, standin, env) in RUNS.items():
+        model_dir = request.getfixturevalue(fixture)
+        reports[name] = model_dir.parent / f"kernels-{name}.jsonl"
+        reports[name].unlink(missing_ok=True)
+        jobs.append({
+            "model": model_dir, "standin": standin,
+            "env": {"ARMOR_VLLM_KERNEL": kernel, "ARMOR_VLLM_KERNEL_REPORT": str(reports[name]), **env},
+            "request": {"prompt_ids": prompt_ids, "max_tokens": 8, "dtype": "float16", "enforce_eager": eager,
+                        "llm_kwargs": {"tensor_parallel_size": tp}},
+        })
+    results = {}
+    for name, result in zip(RUNS, run_vllm_jobs(jobs)):
+        assert "error" not in result, (name, result.get("error"), result.get("log_tail"))
+        result["kernels"] = [json.loads(line) for line in reports[name].read_text().splitlines()]
+        results[name] = result
+    return results
 
 
 def assert_sparse_everywhere(result: dict, backend: str | set, ranks: int = 1) -> None:
@@ -71,22 +84,16 @@ def logprob_diffs(a: dict, b: dict) -> list[float]:
     return diffs
 
 
-@pytest.fixture(scope="module")
-def reference(tp_checkpoint):
-    """The CPU factored kernel, eager, fp16: same maths, the core as a dense matmul."""
-    return serve(tp_checkpoint, "factored", standin=False)
-
-
-def test_cusparselt_path_equals_the_factored_kernel(tp_checkpoint, reference):
-    result = serve(tp_checkpoint, "cusparselt")
+def test_cusparselt_path_equals_the_factored_kernel(runs):
+    result, reference = runs["cusparselt"], runs["reference"]
     assert_sparse_everywhere(result, "cusparselt")
     assert result["greedy_ids"] == reference["greedy_ids"]
     assert max(logprob_diffs(result, reference)) <= 1e-3
 
 
-def test_cusparselt_path_in_vllm_compiled_mode(tp_checkpoint, reference):
+def test_cusparselt_path_in_vllm_compiled_mode(runs):
     """vLLM's default mode (torch.compile, no --enforce-eager) with the custom op."""
-    result = serve(tp_checkpoint, "cusparselt", eager=False)
+    result, reference = runs["cusparselt-compiled"], runs["reference"]
     assert_sparse_everywhere(result, "cusparselt")
     assert result["greedy_ids"] == reference["greedy_ids"]
     diffs = logprob_diffs(result, reference)
@@ -94,11 +101,10 @@ def test_cusparselt_path_in_vllm_compiled_mode(tp_checkpoint, reference):
     assert max(diffs) <= 5e-2
 
 
-def test_auto_plans_at_tensor_parallel_2(tp_checkpoint, reference):
+def test_auto_plans_at_tensor_parallel_2(runs):
     """``auto`` measures in each rank's process; rank 0's plan is broadcast over vLLM's
-    tensor-parallel group so that both ranks run the same plan for every layer. (``ARMOR_DENSE_BELOW=0``
-    keeps the 2:4 path: on this CPU the dense matmul would win every measurement.)"""
-    result = serve(tp_checkpoint, "auto", tp=2, env={"ARMOR_DENSE_BELOW": "0"})
+    tensor-parallel group so that both ranks run the same plan for every layer."""
+    result, reference = runs["auto-tp2"], runs["reference"]
     assert_sparse_everywhere(result, {"cusparselt", "cutlass"}, ranks=2)
     by_layer = {}
     for entry in result["kernels"]:
@@ -110,9 +116,8 @@ def test_auto_plans_at_tensor_parallel_2(tp_checkpoint, reference):
     assert max(diffs) <= 5e-2
 
 
-def test_plain_24_checkpoint_on_the_cusparselt_path_compiled(tp_plain_checkpoint):
-    reference = serve(tp_plain_checkpoint, "folded", standin=False, tag="-plain")
-    result = serve(tp_plain_checkpoint, "cusparselt", eager=False, tag="-plain")
+def test_plain_24_checkpoint_on_the_cusparselt_path_compiled(runs):
+    result, reference = runs["plain-cusparselt-compiled"], runs["plain-folded"]
     assert_sparse_everywhere(result, "cusparselt")
     assert result["greedy_ids"] == reference["greedy_ids"]
     diffs = logprob_diffs(result, reference)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import armor_vllm  # noqa: F401  (registers the transformers quantizer)
-from conftest import run_vllm
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,53 @@ def hf_reference(armor_checkpoint):
     return {"prompt_ids": prompt_ids, "greedy": greedy, "logprobs": logprobs}
 
 
+def _broken_copies(armor_checkpoint, tp_checkpoint, base) -> dict:
+    """Checkpoints vLLM must refuse with a clear message: an unknown format version, a truncated
+    shard (before: safetensors' "incomplete metadata, file not fully covered", no file named) and a
+    stray tensor next to a compressed layer (before: "'MergedColumnParallelLinear' object has no
+    attribute 'data'")."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from armor_vllm.checkpoint import load_tensors
+
+    future = base / "future"
+    shutil.copytree(armor_checkpoint, future)
+    config = json.loads((future / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    (future / "config.json").write_text(json.dumps(config))
+
+    truncated = base / "truncated"
+    shutil.copytree(tp_checkpoint, truncated)
+    shard = truncated / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+
+    stray = base / "stray"
+    shutil.copytree(tp_checkpoint, stray)
+    tensors = load_tensors(stray)
+    tensors["model.layers.0.mlp.up_proj.bogus"] = torch.zeros(4)
+    save_file(tensors, str(stray / "model.safetensors"), metadata={"format": "pt"})
+    return {"future": future, "truncated": truncated, "stray": stray}
+
+
+@pytest.fixture(scope="module")
+def runs(armor_checkpoint, tp_checkpoint, hf_reference, tmp_path_factory):
+    """vLLM with each CPU kernel on the checkpoint, and on the broken copies, in one runner process."""
+    from conftest import run_vllm_jobs
+
+    request = {"prompt_ids": hf_reference["prompt_ids"], "max_tokens": 8, "dtype": "float32"}
+    jobs = {kernel: {"model": armor_checkpoint, "request": request, "env": {"ARMOR_VLLM_KERNEL": kernel}}
+            for kernel in ("folded", "factored")}
+    broken = _broken_copies(armor_checkpoint, tp_checkpoint, tmp_path_factory.mktemp("broken"))
+    jobs.update({name: {"model": path, "request": {}} for name, path in broken.items()})
+    return dict(zip(jobs, run_vllm_jobs(list(jobs.values()))))
+
+
 @pytest.mark.parametrize("kernel", ["folded", "factored"])
-def test_vllm_matches_transformers(armor_checkpoint, hf_reference, kernel):
-    result = run_vllm(armor_checkpoint, {"prompt_ids": hf_reference["prompt_ids"], "max_tokens": 8,
-                                         "dtype": "float32"}, env={"ARMOR_VLLM_KERNEL": kernel})
-    assert "error" not in result, result
+def test_vllm_matches_transformers(runs, hf_reference, kernel):
+    result = runs[kernel]
+    assert "error" not in result, (result.get("error"), result.get("log_tail"))
     assert result["greedy_ids"] == hf_reference["greedy"]
     for got, expect in zip(result["prompt_logprobs"], hf_reference["logprobs"]):
         assert got[0] is None
@@ -53,45 +94,14 @@ def test_vllm_matches_transformers(armor_checkpoint, hf_reference, kernel):
             assert math.isclose(g, e, abs_tol=2e-3), (kernel, g, e)
 
 
-def test_vllm_refuses_unknown_format_version(armor_checkpoint, tmp_path):
-    import shutil
-
-    bad = tmp_path / "future"
-    shutil.copytree(armor_checkpoint, bad)
-    config = json.loads((bad / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 99
-    (bad / "config.json").write_text(json.dumps(config))
-    result = run_vllm(bad, {})
-    assert "error" in result
-    assert any("format_version: 99 is not supported" in line for line in result["chain"]), result
-
-
-def test_vllm_names_a_truncated_shard(tp_checkpoint, tmp_path):
-    """Before: safetensors' "incomplete metadata, file not fully covered", no file named."""
-    import shutil
-
-    bad = tmp_path / "truncated"
-    shutil.copytree(tp_checkpoint, bad)
-    shard = bad / "model.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-1000])
-    result = run_vllm(bad, {})
-    assert "error" in result
-    assert any("model.safetensors" in line and "truncated" in line for line in result["chain"]), result
-
-
-def test_vllm_names_a_stray_tensor(tp_checkpoint, tmp_path):
-    """Before: "'MergedColumnParallelLinear' object has no attribute 'data'"."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from armor_vllm.checkpoint import load_tensors
-
-    bad = tmp_path / "stray"
-    shutil.copytree(tp_checkpoint, bad)
-    tensors = load_tensors(bad)
-    tensors["model.layers.0.mlp.up_proj.bogus"] = torch.zeros(4)
-    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    result = run_vllm(bad, {})
-    assert "error" in result
-    assert any("model.layers.0.mlp.up_proj.bogus" in line for line in result["chain"]), result
+@pytest.mark.parametrize("case,message", [
+    ("future", "format_version: 99 is not supported"),
+    ("truncated", "model.safetensors"),
+    ("stray", "model.layers.0.mlp.up_proj.bogus"),
+])
+def test_vllm_refuses_a_bad_checkpoint_naming_the_fault(runs, case, message):
+    result = runs[case]
+    assert "error" in result, result
+    assert any(message in line for line in result["chain"]), result["chain"]
+    if case == "truncated":
+        assert any("truncated" in line for line in result["chain"]), result["chain"]

@@ -246,7 +246,7 @@ def run_offline(opts: OfflineOptions) -> dict:
 
     source_config = read_json(model_dir / "config.json")
     out_dtype = getattr(torch, str(source_config.get("dtype") or source_config.get("torch_dtype") or "bfloat16"))
-    model, layers, layer_prefix = stream.model, stream.layers, stream.layer_prefix
+    model, layers = stream.model, stream.layers
     needs_stats = method_cls.name != "magnitude"
     calib_seconds = 0.0
     inputs: LayerInputs | None = None

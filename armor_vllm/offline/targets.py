@@ -8,12 +8,12 @@ is refused with an error naming it. Targets carry the checkpoint names they are 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from armor_vllm.format import matches_module
 from armor_vllm.offline import experts as moe
 
 
@@ -49,15 +49,8 @@ VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def matches(name: str, patterns) -> bool:
-    """compressed-tensors' matching rules: an exact module name, its last components, or ``re:``
-    followed by a regular expression (``re.match``)."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
-                return True
-        elif pattern == name or name.endswith("." + pattern):
-            return True
-    return False
+    """Whether module ``name`` matches one of ``patterns`` (the config's matching rules)."""
+    return matches_module(name, patterns)
 
 
 @dataclass

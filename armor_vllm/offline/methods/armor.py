@@ -63,6 +63,7 @@ from armor_vllm.factorization import (
     left_block_diag,
     mask_from_scores,
     right_block_diag,
+    stacked_row_slices,
 )
 from armor_vllm.format import ArmorLayer
 from armor_vllm.offline.methods.armor_full import FullArmorProblem, FullSchedule, optimise_full
@@ -108,13 +109,20 @@ PRESETS: dict[str, Schedule] = {
 }
 
 
-def schedule_from_options(options: dict) -> Schedule:
-    """The preset named by ``options['preset']`` (default ``"default"``) with explicit overrides."""
+def preset_with_overrides(presets: dict, options: dict, what: str = ""):
+    """The schedule of ``presets`` named by ``options['preset']`` (default ``"default"``), with every
+    explicit option that is one of its fields overriding it."""
     preset = options.get("preset", "default")
-    if preset not in PRESETS:
-        raise ValueError(f"ARMOR preset {preset!r} is not one of {sorted(PRESETS)}")
-    fields = {k: options[k] for k in Schedule.__dataclass_fields__ if k in options}
-    return replace(PRESETS[preset], **fields)
+    if preset not in presets:
+        raise ValueError(f"ARMOR preset {preset!r} is not one of {sorted(presets)}{what}")
+    schedule = presets[preset]
+    fields = {k: options[k] for k in type(schedule).__dataclass_fields__ if k in options}
+    return replace(schedule, **fields)
+
+
+def schedule_from_options(options: dict) -> Schedule:
+    """The diag-objective schedule of ``options['preset']`` with explicit overrides."""
+    return preset_with_overrides(PRESETS, options)
 
 
 def best_group_values(
@@ -166,10 +174,7 @@ class ArmorProblem:
         self.target = torch.cat(targets).to(torch.float32)
         rows, d_in = self.target.shape
         self.n_rb, self.n_cb = rows // block_size, d_in // block_size
-        self.slices, start = [], 0
-        for t in targets:
-            self.slices.append(slice(start, start + t.shape[0]))
-            start += t.shape[0]
+        self.slices = stacked_row_slices(targets)
         self.matrix_of_row_block = torch.cat(
             [torch.full((t.shape[0] // block_size,), m, dtype=torch.long, device=device) for m, t in enumerate(targets)]
         )
@@ -485,11 +490,7 @@ FULL_PRESETS: dict[str, FullSchedule] = {
 
 def full_schedule_from_options(options: dict) -> FullSchedule:
     """The full-objective schedule of ``options['preset']`` with explicit overrides."""
-    preset = options.get("preset", "default")
-    if preset not in FULL_PRESETS:
-        raise ValueError(f"ARMOR preset {preset!r} is not one of {sorted(FULL_PRESETS)} for --objective full")
-    fields = {k: options[k] for k in FullSchedule.__dataclass_fields__ if k in options}
-    return replace(FULL_PRESETS[preset], **fields)
+    return preset_with_overrides(FULL_PRESETS, options, " for --objective full")
 
 
 def initial_cores(weights: dict[str, torch.Tensor], stats: InputStats, init: str, damp: float) -> dict[str, torch.Tensor]:

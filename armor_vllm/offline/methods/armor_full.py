@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from armor_vllm.factorization import identity_blocks, left_block_diag, right_block_diag
+from armor_vllm.factorization import identity_blocks, left_block_diag, right_block_diag, stacked_row_slices
 from armor_vllm.offline.methods.sparsegpt import sparsegpt_prune
 
 B_SOLVERS = ("cg", "gauss-seidel")
@@ -92,10 +92,7 @@ class FullArmorProblem:
         self.mask = self.core != 0
         rows, d_in = self.target.shape
         self.n_rb, self.n_cb = rows // block_size, d_in // block_size
-        self.slices, start = [], 0
-        for t in targets:
-            self.slices.append(slice(start, start + t.shape[0]))
-            start += t.shape[0]
+        self.slices = stacked_row_slices(targets)
         self.wh = self.target @ self.h  # W H, constant
         self.scales = torch.stack([(self.wh[s].double() * self.target[s].double()).sum() for s in self.slices])
         self.a = identity_blocks(rows, block_size, device=device)
