@@ -18,6 +18,25 @@ from pathlib import Path
 HOST = "127.0.0.1"
 # Sized for a 2-core, CPU-only machine; on a GPU machine pass your own arguments.
 CPU_DEFAULT_ARGS = ("--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager")
+# oneDNN builds vLLM's bf16 CPU matmul only with AVX-512 (its "avx512_core" level); without it vLLM falls
+# back to torch's bf16 linear, which measured 4x slower than float32 (BENCHMARKS.md, section 3).
+AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_default_args(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """``CPU_DEFAULT_ARGS``, plus ``--dtype float32`` on a CPU without AVX-512 (where bf16 is slow)."""
+    flags = cpu_flags() if flags is None else flags
+    return CPU_DEFAULT_ARGS if AVX512_CORE <= flags else (*CPU_DEFAULT_ARGS, "--dtype", "float32")
 
 
 def free_port() -> int:
@@ -34,12 +53,12 @@ def vllm_command() -> list[str]:
 class VllmServer:
     """``with VllmServer(model_dir) as server: server.base_url`` ... ; the log goes to ``log_path``."""
 
-    def __init__(self, model_dir: str | Path, port: int | None = None, extra_args: tuple[str, ...] = CPU_DEFAULT_ARGS,
+    def __init__(self, model_dir: str | Path, port: int | None = None, extra_args: tuple[str, ...] | None = None,
                  log_path: str | Path | None = None, startup_timeout: float = 600.0, env: dict | None = None,
                  served_name: str = "armor", quantization: str | None = "armor"):
         self.model_dir = str(model_dir)
         self.port = port or free_port()
-        self.extra_args = list(extra_args)
+        self.extra_args = list(cpu_default_args() if extra_args is None else extra_args)
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = startup_timeout
         self.env = {**os.environ, **(env or {})}

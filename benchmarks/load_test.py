@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from armor_vllm.serve import CPU_DEFAULT_ARGS, HOST, VllmServer  # noqa: E402
+from armor_vllm.serve import HOST, VllmServer, cpu_default_args  # noqa: E402
 
 MAX_REQUESTS = 1024  # hard cap on the concurrent phase, whatever the arguments say
 PROMPTS = [
@@ -154,7 +154,7 @@ async def drive(base_url: str, name: str, n_prompts: int, n_requests: int, concu
 
 def run_model(label: str, model_dir: str, quantized: bool, args, deadline: float) -> dict:
     """Start a server for ``model_dir``, drive it, stop it."""
-    server_args = tuple(shlex.split(args.server_args)) if args.server_args is not None else CPU_DEFAULT_ARGS
+    server_args = tuple(shlex.split(args.server_args)) if args.server_args is not None else cpu_default_args()
     if args.dtype:
         server_args = (*server_args, "--dtype", args.dtype)
     log = Path(args.log_dir) / f"{label}.serve.log"
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--dtype", default=None, help="vllm serve --dtype (e.g. float32); default: the model's")
     p.add_argument("--server-args", default=None,
-                   help=f"vllm serve arguments replacing the CPU defaults {' '.join(CPU_DEFAULT_ARGS)!r}")
+                   help=f"vllm serve arguments replacing the CPU defaults {' '.join(cpu_default_args())!r}")
     p.add_argument("--timeout", type=float, default=600.0, help="global deadline in seconds, all runs included")
     p.add_argument("--log-dir", default="out/load_test", help="where the server logs go")
     p.add_argument("--out", default="benchmarks/results/load_test.json")
