@@ -81,6 +81,8 @@ def main() -> None:
             standin.uninstall()
         try:
             result = run_job(job)
+        except Exception as exc:  # this job fails its test; the jobs after it still run
+            result = {"error": f"{type(exc).__name__}: {exc}", "chain": _chain(exc)}
         finally:
             gc.collect()
             cleanup_dist_env_and_memory()

@@ -48,11 +48,6 @@ ARCHITECTURES: dict[str, dict] = {
 VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def matches(name: str, patterns) -> bool:
-    """Whether module ``name`` matches one of ``patterns`` (the config's matching rules)."""
-    return matches_module(name, patterns)
-
-
 @dataclass
 class Target:
     """One ``(d_out, d_in)`` matrix of a decoder layer that is compressed as one problem."""
@@ -207,7 +202,7 @@ def plan(stream, ignore: list[str], block_size: int) -> Plan:
     used_patterns: set[str] = set()
 
     def ignored(*names: str) -> bool:
-        hit = [p for p in ignore if any(matches(n, [p]) for n in names)]
+        hit = [p for p in ignore if any(matches_module(n, [p]) for n in names)]
         used_patterns.update(hit)
         return bool(hit)
 
