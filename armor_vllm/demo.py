@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="out/smollm2-armor", help="where the compressed checkpoint goes")
     p.add_argument("--preset", default="default", help="ARMOR preset (quick, default, paper)")
     p.add_argument("--method", default="armor")
-    p.add_argument("--block-size", type=int, default=64,
-                   help="ARMOR wrapper block size (64: the best measured quality on this model; BENCHMARKS.md, section 1)")
+    p.add_argument("--block-size", default="auto",
+                   help="ARMOR wrapper block size (default auto: 64 on this model, the best measured quality; BENCHMARKS.md, section 1)")
     args = p.parse_args(argv)
 
     out = Path(args.output)
@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmd = [sys.executable, "-m", "armor_vllm.offline", "--output", str(out), "--method", args.method]
         if args.method == "armor":
-            cmd += ["--preset", args.preset, "--block-size", str(args.block_size)]
+            cmd += ["--preset", args.preset]
+            if args.block_size != "auto":
+                cmd += ["--block-size", str(args.block_size)]
         print("[1/3] $ python", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True)
 

@@ -92,6 +92,65 @@ def test_block_size_that_does_not_divide_names_the_layer(tiny_model_dir, tmp_pat
         run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "y"), method="magnitude", block_size=48))
 
 
+def _target(name, shape, parts=None):
+    from armor_vllm.offline.targets import Target
+
+    return Target(name=name, checkpoint=f"model.layers.0.{name}", replaces=(), kind="linear", module=name,
+                  shape=shape, parts=parts)
+
+
+def test_auto_block_size_is_the_largest_that_fits_every_target():
+    from armor_vllm.offline.targets import UnsupportedModel, choose_block_size
+
+    assert choose_block_size([[_target("q", (576, 576)), _target("down", (576, 1536))]]) == 64
+    assert choose_block_size([[_target("q", (576, 576))], [_target("k", (32, 576))]]) == 32  # any layer's shape counts
+    assert choose_block_size([[_target("qkv", (640, 576), parts=(576, 32, 32))]]) == 32  # vLLM's split parts count
+    assert choose_block_size([[_target("v", (48, 64))]]) == 16
+    with pytest.raises(UnsupportedModel, match=r"none of \[64, 32, 16\] divides model.layers.0.o \(72 columns\)"):
+        choose_block_size([[_target("q", (64, 64)), _target("o", (64, 72))]])
+
+
+def test_auto_block_size_is_the_default_and_is_recorded(tiny_model_dir, tmp_path):
+    assert OfflineOptions(model="m", output="o").block_size == "auto"
+    out = tmp_path / "auto"
+    summary = run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(out), method="magnitude"))
+    # hidden 64, but the key/value projections have 32 rows: auto falls back from 64 to 32
+    assert summary["block_size"] == 32 and read_armor_config(out).block_size == 32
+
+
+def test_auto_block_size_resumes_an_explicit_run_of_the_same_size(tiny_model_dir, tmp_path, monkeypatch):
+    opts = dict(model=str(tiny_model_dir), output=str(tmp_path / "r"), method="wanda", **SMALL)
+    real = pipeline._compress_layer
+
+    def crash_on_second_layer(index, *args, **kwargs):
+        if index == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(index, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_compress_layer", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run_offline(OfflineOptions(block_size=32, **opts))
+    monkeypatch.setattr(pipeline, "_compress_layer", real)
+    summary = run_offline(OfflineOptions(block_size="auto", **opts))  # resolves to 32: same run, resumed
+    assert summary["block_size"] == 32
+
+
+@pytest.mark.parametrize("bad", [0, -32, "big", 32.0, True])
+def test_bad_block_size_option_is_refused(tiny_model_dir, tmp_path, bad):
+    with pytest.raises(ValueError, match="--block-size must be a positive integer or auto"):
+        run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "b"), method="magnitude", block_size=bad))
+
+
+def test_cli_block_size_takes_auto_or_a_number(capsys):
+    from armor_vllm.offline.__main__ import build_parser
+
+    assert build_parser().parse_args(["--output", "o", "--block-size", "auto"]).block_size == "auto"
+    assert build_parser().parse_args(["--output", "o", "--block-size", "16"]).block_size == 16
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--output", "o", "--block-size", "sixty"])
+    assert "expected a positive integer or auto, got 'sixty'" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: wanda\nblocksize: 32\n")
@@ -115,8 +174,11 @@ def test_recipe_files_in_offline_parse():
 
     recipes = sorted((Path(__file__).resolve().parent.parent / "offline").glob("*.yaml"))
     assert recipes, "offline/ holds the recipes"
+    from armor_vllm.api import offline_options
+
     for recipe in recipes:
         assert load_recipe(str(recipe))["method"]
+        pipeline._validate(offline_options(None, "out", recipe=recipe))  # every value is one the pass takes
 
 
 def test_layer_stream_matches_the_full_model(tiny_model_dir):

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to write; written as OUTPUT.partial then renamed")
     p.add_argument("--recipe", help="YAML/JSON file of options (see offline/); command-line options win")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="compression method (default armor)")
-    p.add_argument("--block-size", type=int, default=None, help="wrapper block size, must divide every layer (default 32)")
+    p.add_argument("--block-size", type=_block_size, default=None,
+                   help="wrapper block size: N (a multiple of 4 dividing every compressed layer) or auto (default: "
+                        "the largest of 64, 32, 16 that fits; 64 measured best, BENCHMARKS.md section 1)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
     p.add_argument("--calib-data", nargs="+", default=None, help=".txt/.jsonl files or text source names, e.g. pydoc (default: a mix of pydoc, jargon, opticks, licenses; armor_vllm.calibration)")
@@ -59,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None,
                    help="run the compression tasks on an existing Ray cluster, e.g. auto or HOST:6379 (needs armor-vllm[ray])")
     return p
+
+
+def _block_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def options_from_args(args: argparse.Namespace) -> OfflineOptions:

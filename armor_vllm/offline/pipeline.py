@@ -18,7 +18,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,7 +62,7 @@ class OfflineOptions:
     model: str
     output: str
     method: str = "armor"
-    block_size: int = 32
+    block_size: int | str = "auto"  # "auto": the largest of targets.AUTO_BLOCK_SIZES fitting every layer
     calib_samples: int = 64
     seq_len: int = 512
     calib_data: list[str] = field(default_factory=list)
@@ -84,8 +84,10 @@ class OfflineOptions:
 def _validate(opts: OfflineOptions) -> None:
     if opts.order not in ORDERS:
         raise ValueError(f"--order {opts.order!r} is not one of {list(ORDERS)}")
-    if opts.block_size <= 0:
-        raise ValueError(f"--block-size must be positive, got {opts.block_size}")
+    if opts.block_size != "auto" and (
+        isinstance(opts.block_size, bool) or not isinstance(opts.block_size, int) or opts.block_size <= 0
+    ):
+        raise ValueError(f"--block-size must be a positive integer or auto, got {opts.block_size!r}")
     check_options(opts.workers, opts.ray_address)
 
 
@@ -225,11 +227,14 @@ def run_offline(opts: OfflineOptions) -> dict:
         if not opts.overwrite:
             raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
-    method = method_cls(block_size=opts.block_size, seed=opts.seed, **opts.method_options)
     # Before anything is written: an architecture or option the pass cannot handle fails here.
     targets_mod.check_architecture(model_dir)
     stream = LayerStream(model_dir, dtype=torch.float32)
     plan = targets_mod.plan(stream, list(opts.ignore), opts.block_size)
+    # From here on the block size is a number ("auto" resolved), so an explicit --block-size of the
+    # same value resumes the same run.
+    opts = replace(opts, block_size=plan.block_size)
+    method = method_cls(block_size=opts.block_size, seed=opts.seed, **opts.method_options)
 
     fingerprint = opts.fingerprint()
     run_file = partial / "run.json"

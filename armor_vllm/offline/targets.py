@@ -77,6 +77,7 @@ class Plan:
     targets: list[list[Target]]  # per decoder layer
     dense: list[Dense]
     model_type: str
+    block_size: int  # the wrapper block size, checked against every target (chosen when asked for "auto")
 
     def ignore(self) -> list[str]:
         """The ``sparsity_config.ignore`` list: every linear-like module left dense, by name."""
@@ -187,9 +188,32 @@ def check_architecture(model_dir, config=None) -> str:
     return model_type
 
 
-def plan(stream, ignore: list[str], block_size: int) -> Plan:
+# Block sizes "auto" tries, best first: larger blocks correct more of the pruning error (measured on the
+# embedded model: 64 closes 56-70% of SparseGPT's gap to dense against 37-57% at 32; BENCHMARKS.md,
+# section 1) at the cost of more wrapper bytes and work.
+AUTO_BLOCK_SIZES = (64, 32, 16)
+
+
+def choose_block_size(per_layer: list[list[Target]], candidates: tuple[int, ...] = AUTO_BLOCK_SIZES) -> int:
+    """The first of ``candidates`` that divides both dimensions of every target (and every part of a
+    fused matrix, which vLLM splits); a clear error naming the first dimension none of them divides."""
+    dims: dict[int, str] = {}
+    for targets in per_layer:
+        for t in targets:
+            for d, what in ((t.shape[0], "rows"), (t.shape[1], "columns"), *((r, "rows of a part") for r in t.parts or ())):
+                dims.setdefault(d, f"{t.checkpoint} ({d} {what})")
+    for bs in candidates:
+        if all(d % bs == 0 for d in dims):
+            return bs
+    stuck = next(where for d, where in dims.items() if all(d % bs for bs in candidates))
+    raise UnsupportedModel(f"--block-size auto: none of {list(candidates)} divides {stuck}; pass --block-size N "
+                           f"with N a multiple of 4 dividing every compressed layer, or --ignore that layer")
+
+
+def plan(stream, ignore: list[str], block_size: int | str) -> Plan:
     """Every compression target of every decoder layer and every linear-like projection left dense;
-    refuses what cannot be handled, before any work."""
+    refuses what cannot be handled, before any work. ``block_size="auto"`` picks the largest of
+    ``AUTO_BLOCK_SIZES`` that fits every target."""
     from armor_vllm.format import check_layer_block_size
 
     config = stream.config
@@ -246,6 +270,11 @@ def plan(stream, ignore: list[str], block_size: int) -> Plan:
                     f"{own[0][0]} {tuple(own[0][1].shape)}, which the offline pass can neither compress nor record as dense"
                 )
         _check_vllm_fused_groups(layer_prefix, targets, dense)
+        per_layer.append(targets)
+
+    if block_size == "auto":
+        block_size = choose_block_size(per_layer)
+    for targets in per_layer:
         for t in targets:
             check_layer_block_size(t.checkpoint, t.shape[0], t.shape[1], block_size)
             for k, rows in enumerate(t.parts or ()):
@@ -254,7 +283,6 @@ def plan(stream, ignore: list[str], block_size: int) -> Plan:
                         f"{t.checkpoint}: block size {block_size} does not divide part {k} ({rows} rows) of this fused "
                         f"matrix; vLLM splits it into {list(t.parts)}"
                     )
-        per_layer.append(targets)
 
     for name, module in stream.model.named_modules():
         if name == layers_prefix or name.startswith(layers_prefix + "."):
@@ -266,7 +294,7 @@ def plan(stream, ignore: list[str], block_size: int) -> Plan:
     unused = [p for p in ignore if p not in used_patterns]
     if unused:
         raise UnsupportedModel(f"--ignore {unused}: matches no compressible projection of {stream.model_dir}")
-    return Plan(targets=per_layer, dense=dense, model_type=model_type)
+    return Plan(targets=per_layer, dense=dense, model_type=model_type, block_size=block_size)
 
 
 def _check_vllm_fused_groups(layer_prefix: str, targets: list[Target], dense: list[Dense]) -> None:
