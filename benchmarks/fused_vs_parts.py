@@ -60,7 +60,7 @@ def main() -> None:
         layer = stream.load_layer(index)
         if index in args.layers:
             targets = plan.targets[index]
-            groups, _, _ = collect_layer_stats(layer, inputs, targets, full_hessian=True)
+            groups = collect_layer_stats(layer, inputs, targets, full_hessian=True).groups
             stats_of = {n: g.stats for g in groups for n in g.names}
             weights = {t.name: targets_mod.get_weight(layer, t) for t in targets}
             for fused_name, parts in fusions.items():

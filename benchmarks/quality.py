@@ -1,6 +1,7 @@
 """Quality benchmark on the embedded SmolLM2-135M: perplexity on the built-in evaluation split and on
 held-out English texts, compression wall time, proxy losses and wrapper cost for dense, magnitude,
-Wanda, NoWag-P, SparseGPT and ARMOR variants (objective x init x calibration x block size x distill).
+Wanda, NoWag-P, SparseGPT and ARMOR variants (objective x init x calibration x block size x output
+target x distill).
 
 Each run is the real CLI (``python -m armor_vllm.offline``) in a child process (skipped when its
 checkpoint directory is already complete, unless ``--recompress``); the perplexities come from
@@ -50,6 +51,13 @@ RUNS = {
     "armor-full-sgpt-bs64-distill-dense": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
                                            "--block-size", "64", "--distill", "--distill-steps", "16",
                                            "--distill-lr", "3e-4", "--distill-target", "dense"],
+    "sparsegpt-aware": ["--method", "sparsegpt", "--output-target", "dense"],
+    "armor-full-sgpt-bs64-aware": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
+                                   "--block-size", "64", "--output-target", "dense"],
+    "armor-full-sgpt-bs64-aware-distill-dense": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
+                                                 "--block-size", "64", "--output-target", "dense", "--distill",
+                                                 "--distill-steps", "16", "--distill-lr", "3e-4",
+                                                 "--distill-target", "dense"],
     "armor-full-sgpt-calib-pydoc": ["--method", "armor", "--objective", "full", "--init", "sparsegpt",
                                     "--calib-data", "pydoc"],
     "sparsegpt-calib-pydoc": ["--method", "sparsegpt", "--calib-data", "pydoc"],

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ARMOR objective: full = output error tr(E H E^T) with H = X^T X (default), diag = the NoWag proxy")
     p.add_argument("--init", choices=["nowag", "sparsegpt", "wanda"], default=None,
                    help="the 2:4 pruning ARMOR starts from (default: sparsegpt for --objective full, nowag for diag)")
+    p.add_argument("--output-target", choices=["layer", "dense"], default=None,
+                   help="what each matrix is compressed to reproduce on its calibration inputs: the dense matrix's "
+                        "outputs (layer, default) or the dense model's own outputs at that matrix (dense: output-aware, "
+                        "also corrects the error of earlier layers; armor_vllm.offline.output_target)")
     p.add_argument("--distill", action="store_true", default=None,
                    help="after compressing each decoder layer, tune A, B and the kept values (masks fixed) "
                         "so the layer's output matches the dense layer's (armor_vllm.offline.distill)")

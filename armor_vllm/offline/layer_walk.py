@@ -123,32 +123,54 @@ class StatsGroup:
     stats: InputStats
 
 
-def _new_stats(d_in: int, full_hessian: bool) -> InputStats:
+def _new_stats(d_in: int, full_hessian: bool, cross: bool = False) -> InputStats:
+    square = lambda: torch.zeros(d_in, d_in, dtype=torch.float64)  # noqa: E731
     return InputStats(
         sq=torch.zeros(d_in, dtype=torch.float64),
         n_tokens=0,
-        xtx=torch.zeros(d_in, d_in, dtype=torch.float64) if full_hessian else None,
+        xtx=square() if full_hessian or cross else None,
+        cross=square() if cross else None,
     )
 
 
-def _accumulate(stats: InputStats, x: torch.Tensor) -> None:
+def _accumulate(stats: InputStats, x: torch.Tensor, x_dense: torch.Tensor | None = None) -> None:
     flat = x.reshape(-1, x.shape[-1]).to(torch.float64)
     stats.sq += (flat * flat).sum(0)
     stats.n_tokens += flat.shape[0]
     if stats.xtx is not None:  # float32 product (2x faster; ~1e-7 relative), float64 running sum
         x32 = x.reshape(-1, x.shape[-1]).to(torch.float32)
         stats.xtx += (x32.T @ x32).to(torch.float64)
+        if stats.cross is not None:  # the same tokens on the dense model's path
+            d32 = x_dense.reshape(-1, x_dense.shape[-1]).to(torch.float32)
+            stats.cross += (d32.T @ x32).to(torch.float64)
+
+
+@dataclass
+class LayerStats:
+    """What ``collect_layer_stats`` measured on one decoder layer."""
+
+    groups: list[StatsGroup]  # in target order
+    outputs: LayerInputs  # the layer's outputs: the next layer's inputs
+    routing: dict  # per experts module: routed token counts and fallbacks (experts.resolve)
+    dense_outputs: LayerInputs | None = None  # the outputs on the dense model's path, when it was given
 
 
 @torch.no_grad()
 def collect_layer_stats(
-    layer: nn.Module, inputs: LayerInputs, targets: list[Target], full_hessian: bool
-) -> tuple[list[StatsGroup], LayerInputs, dict]:
+    layer: nn.Module, inputs: LayerInputs, targets: list[Target], full_hessian: bool,
+    dense_inputs: LayerInputs | None = None,
+) -> LayerStats:
     """Run ``layer`` on every sample with hooks that collect the input statistics of ``targets``.
     Linear-like targets fed the very same tensor share one ``InputStats``; each expert's gate/up
     see only the tokens routed to that expert, its down projection their intermediate activations.
-    Returns the groups (in target order), the layer's outputs and, per experts module, the routed
-    token count of every expert and the experts that fell back (``experts.resolve``)."""
+
+    ``dense_inputs`` (the dense model's hidden states entering this layer; ``--output-target
+    dense``): each batch is first run on the dense path, keeping every target's input, so that the
+    statistics also hold ``cross = X_dense^T X`` (and ``xtx``). Not for MoE experts, whose routing
+    differs between the two paths."""
+    if dense_inputs is not None and any(t.kind == "expert" for t in targets):
+        raise ValueError(f"--output-target dense: {targets[0].checkpoint.rsplit('.', 2)[0]} has MoE experts, whose "
+                         f"tokens are routed differently on the dense and compressed paths; use --output-target layer")
     by_module: dict[str, list[Target]] = {}
     for t in targets:
         by_module.setdefault(t.module, []).append(t)
@@ -158,10 +180,16 @@ def collect_layer_stats(
     # keeps its memory from being reused by a later, different input during the same forward.
     seen: dict[int, tuple[str, torch.Tensor]] = {}
     block_stats: dict[str, InputStats] = {}  # experts module -> every token entering it
+    dense_seen: dict[str, torch.Tensor] = {}  # module -> its input on the dense path, current batch
+    on_dense_path = False
+    cross = dense_inputs is not None
 
     def linear_hook(module_name: str):
         def hook(module, args):
             x = args[0]
+            if on_dense_path:
+                dense_seen[module_name] = x
+                return
             key = x.data_ptr()
             names = [t.name for t in by_module[module_name]]
             if names[0] not in owner:
@@ -172,8 +200,8 @@ def collect_layer_stats(
             if group != module_name:  # another linear of the group already counted this input
                 return
             if group not in stats:
-                stats[group] = _new_stats(x.shape[-1], full_hessian)
-            _accumulate(stats[group], x)
+                stats[group] = _new_stats(x.shape[-1], full_hessian, cross)
+            _accumulate(stats[group], x, dense_seen.get(group))
 
         return hook
 
@@ -198,11 +226,16 @@ def collect_layer_stats(
             handles.append(modules[module_name].register_forward_pre_hook(experts_hook(module_name), with_kwargs=True))
         else:
             handles.append(modules[module_name].register_forward_pre_hook(linear_hook(module_name)))
-    outputs = []
+    outputs, dense_outputs = [], []
     try:
         for b in range(len(inputs.hidden)):
+            if cross:
+                on_dense_path = True
+                dense_outputs.append(_call(layer, dense_inputs, b))
+                on_dense_path = False
             seen.clear()
             outputs.append(_call(layer, inputs, b))
+            dense_seen.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -229,4 +262,5 @@ def collect_layer_stats(
                 raise ValueError(f"{t.checkpoint}: never called on the calibration samples")
             group_stats = stats[key]
         groups.setdefault(key, StatsGroup(names=[], stats=group_stats)).names.append(t.name)
-    return list(groups.values()), inputs.next(outputs), routing
+    return LayerStats(list(groups.values()), inputs.next(outputs), routing,
+                      dense_inputs.next(dense_outputs) if cross else None)

@@ -144,17 +144,26 @@ def _compress_layer(
     """Compress the targets of one decoder layer (``targets.plan``); returns checkpoint tensors
     (under the targets' checkpoint names) and metrics. ``executor`` runs the groups'
     ``method.compress`` (``distributed``; default: here, one group after the other). ``routing``:
-    per experts module, the routed token counts and fallbacks (``experts.resolve``)."""
+    per experts module, the routed token counts and fallbacks (``experts.resolve``). A group whose
+    statistics hold the dense path's ``cross`` (``--output-target dense``) is compressed towards its
+    output-aware weights (``output_target``) instead of the dense ones."""
+    from armor_vllm.offline.output_target import dense_output_target, relative_shift
+
     by_name = {t.name: t for t in targets}
     tensors: dict[str, torch.Tensor] = {}
     metrics: list[dict] = []
     jobs = []
+    shifts: dict[str, float] = {}
     for group in groups:
         weights = {}
         for name in group.names:
             t = by_name[name]
             check_layer_block_size(t.checkpoint, t.shape[0], t.shape[1], block_size)
             weights[name] = targets_mod.get_weight(layer, t)
+            if group.stats is not None and group.stats.cross is not None:
+                dense = weights[name]
+                weights[name] = dense_output_target(dense, group.stats, float(method.options.get("damp", 0.01)))
+                shifts[name] = relative_shift(weights[name], dense)
         jobs.append((weights, group.stats))
     outcomes = (executor or LocalExecutor()).compress_groups(method, jobs)
     for group, (weights, _), (results, group_seconds) in zip(groups, jobs, outcomes):
@@ -176,6 +185,8 @@ def _compress_layer(
                 "proxy_loss": _relative_proxy_loss(weights[name], w_hat, group.stats),
                 "seconds": seconds,  # the group's wall time, shared among its matrices
             }
+            if name in shifts:  # against the output-aware target (``output_target``), not the dense weight
+                metric["output_target_shift"] = shifts[name]
             if t.kind == "expert" and routing is not None:
                 info = routing[t.module]
                 metric["routed_tokens"] = info["tokens"][t.expert]
@@ -184,15 +195,26 @@ def _compress_layer(
     return tensors, metrics
 
 
+def _check_targets(opts: OfflineOptions, method_cls) -> None:
+    """``--output-target`` and ``--distill-target``: known values, in an order where they mean something."""
+    from armor_vllm.offline.output_target import OUTPUT_TARGETS
+
+    for key in ("output_target", "distill_target"):
+        value = opts.method_options.get(key, "layer")
+        option = "--" + key.replace("_", "-")
+        if value not in OUTPUT_TARGETS:
+            raise ValueError(f"{option} {value!r} is not one of {list(OUTPUT_TARGETS)}")
+        if value == "dense" and opts.order != "sequential":
+            raise ValueError(f"{option} dense needs --order sequential (in dense order both targets are the same)")
+    if opts.method_options.get("output_target") == "dense" and method_cls.name == "magnitude":
+        raise ValueError("--output-target dense needs calibration statistics; --method magnitude takes none")
+
+
 def _distill(layer, targets, tensors, metrics, inputs, dense_out, opts: OfflineOptions, out_dtype):
     from armor_vllm.offline.distill import DistillOptions, distill_tensors
 
     if opts.method != "armor" or inputs is None:
         raise ValueError("--distill tunes ARMOR's wrappers and kept values: it needs --method armor")
-    if opts.method_options.get("distill_target", "layer") not in ("layer", "dense"):
-        raise ValueError(f"--distill-target {opts.method_options['distill_target']!r} is not one of ['layer', 'dense']")
-    if opts.method_options.get("distill_target") == "dense" and opts.order != "sequential":
-        raise ValueError("--distill-target dense needs --order sequential (in dense order both targets are the same)")
     settings = DistillOptions(**{k[len("distill_"):]: v for k, v in opts.method_options.items()
                                  if k.startswith("distill_") and k != "distill_target"}, seed=opts.seed)
     return distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, opts.block_size, out_dtype, settings)
@@ -227,6 +249,7 @@ def run_offline(opts: OfflineOptions) -> dict:
         if not opts.overwrite:
             raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
+    _check_targets(opts, method_cls)
     # Before anything is written: an architecture or option the pass cannot handle fails here.
     targets_mod.check_architecture(model_dir)
     stream = LayerStream(model_dir, dtype=torch.float32)
@@ -260,8 +283,10 @@ def run_offline(opts: OfflineOptions) -> dict:
         samples = _calibration_samples(opts, model_dir)
         inputs = capture_layer_inputs(model, samples)
         calib_seconds += time.perf_counter() - tc
-    # --distill-target dense: also follow the dense model's own hidden states (output-aware targets)
-    dense_inputs = inputs if opts.method_options.get("distill_target") == "dense" else None
+    # --output-target / --distill-target dense: also follow the dense model's own hidden states
+    output_aware = opts.method_options.get("output_target") == "dense"
+    follow_dense = output_aware or opts.method_options.get("distill_target") == "dense"
+    dense_inputs = inputs if follow_dense else None
 
     all_metrics: list[dict] = []
     executor = make_executor(opts.workers, opts.ray_address)
@@ -270,19 +295,23 @@ def run_offline(opts: OfflineOptions) -> dict:
         for index in progress:
             layer = stream.load_layer(index)
             targets = plan.targets[index]
-            dense_out = None
-            dense_next = None if dense_inputs is None else run_layer(layer, dense_inputs)  # weights still dense
+            dense_out = dense_next = None
             if _layer_file(work, index).is_file():
                 tensors, metrics = _load_layer(work, index)
             else:
                 if inputs is not None:
                     tc = time.perf_counter()
-                    groups, dense_out, routing = collect_layer_stats(
-                        layer, inputs, targets, method.needs_full_hessian  # per run: ARMOR's objective
+                    measured = collect_layer_stats(
+                        layer, inputs, targets, method.needs_full_hessian,  # per run: ARMOR's objective
+                        dense_inputs if output_aware else None,
                     )
+                    groups, dense_out, routing, dense_next = (measured.groups, measured.outputs, measured.routing,
+                                                              measured.dense_outputs)
                     calib_seconds += time.perf_counter() - tc
                 else:
                     groups, routing = [StatsGroup(names=[t.name], stats=None) for t in targets], None
+                if dense_inputs is not None and dense_next is None:  # weights still dense here
+                    dense_next = run_layer(layer, dense_inputs)
                 tensors, metrics = _compress_layer(
                     index, targets, layer, groups, method, out_dtype, opts.block_size, executor, routing
                 )
@@ -290,6 +319,8 @@ def run_offline(opts: OfflineOptions) -> dict:
                     tensors, metrics = _distill(layer, targets, tensors, metrics, inputs,
                                                 dense_out if dense_next is None else dense_next, opts, out_dtype)
                 _save_layer(work, index, tensors, metrics)
+            if dense_inputs is not None and dense_next is None:  # resumed layer: the dense path goes on
+                dense_next = run_layer(layer, dense_inputs)
             if inputs is not None:  # the next layer's inputs
                 tc = time.perf_counter()
                 if opts.order == "sequential":

@@ -22,11 +22,14 @@ class InputStats:
     """Calibration statistics of the activations ``X`` (tokens x d_in) entering a group of linears.
 
     ``xtx`` is the running sum of ``X^T X`` in float64 when a method asked for the full matrix
-    (SparseGPT); ``sq`` is always the running sum of ``X**2`` per input channel."""
+    (SparseGPT); ``sq`` is always the running sum of ``X**2`` per input channel. ``cross`` is the
+    running sum of ``X_dense^T X`` with ``X_dense`` the dense model's inputs to the same linears, for
+    ``--output-target dense`` (``armor_vllm.offline.output_target``)."""
 
     sq: torch.Tensor  # (d_in,) float64, sum_t X[t, j]^2
     n_tokens: int
     xtx: torch.Tensor | None = None  # (d_in, d_in) float64, sum_t X[t]^T X[t]
+    cross: torch.Tensor | None = None  # (d_in, d_in) float64, sum_t X_dense[t]^T X[t]
 
     def channel_importance(self) -> torch.Tensor:
         """``h_j = (2/N) sum_t X[t, j]^2`` in float32, non-finite or zero entries replaced by the mean
@@ -39,7 +42,7 @@ class InputStats:
     def to(self, device: torch.device | str) -> "InputStats":
         """The same statistics on ``device`` (no copy when already there)."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return InputStats(sq=move(self.sq), n_tokens=self.n_tokens, xtx=move(self.xtx))
+        return InputStats(sq=move(self.sq), n_tokens=self.n_tokens, xtx=move(self.xtx), cross=move(self.cross))
 
     def hessian(self) -> torch.Tensor:
         """``H = (2/N) X^T X`` in float64 (needs ``xtx``)."""

@@ -1,0 +1,48 @@
+"""Output-aware targets (``--output-target dense``): what each matrix is compressed to reproduce.
+
+In sequential order a matrix ``W`` sees inputs ``X_s`` that already carry the error of everything
+compressed before it. The default (``layer``) compresses it to match the dense matrix on those inputs,
+``||Ŵ X_s - W X_s||²``. ``dense`` matches the dense *model* instead, ``||Ŵ X_s - W X_d||²``, with ``X_d``
+the dense model's own inputs to that matrix: each matrix then also corrects the error that reaches it.
+
+With ``H = X_sᵀ X_s`` and ``C = X_dᵀ X_s`` (both scaled by ``2/N``) that loss is, up to a constant,
+``tr((Ŵ - W̃) H (Ŵ - W̃)ᵀ)`` for ``W̃ = W C H⁻¹``. So every method that minimises the output error
+against a weight (SparseGPT, ARMOR's full objective) runs unchanged on ``W̃``. ``H`` is damped as
+SparseGPT damps it (``λ = damp · mean diag H``), with the damping pulling towards ``W``:
+
+    W̃ = W (C + λI) (H + λI)⁻¹
+
+the minimiser of ``||Ŵ X_s - W X_d||² + λ||Ŵ - W||²``, and exactly ``W`` when ``X_d = X_s``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from armor_vllm.offline.methods.base import InputStats
+from armor_vllm.offline.methods.sparsegpt import damped_hessian
+
+OUTPUT_TARGETS = ("layer", "dense")
+
+
+def dense_output_target(weight: torch.Tensor, stats: InputStats, damp: float = 0.01) -> torch.Tensor:
+    """``W̃ = W (C + λI)(H + λI)⁻¹`` (module docstring) in ``weight``'s dtype; needs ``stats.cross``
+    and ``stats.xtx``."""
+    if stats.cross is None or stats.xtx is None:
+        raise ValueError("--output-target dense needs the cross statistics X_dense^T X of the dense model's inputs")
+    scale = 2.0 / max(stats.n_tokens, 1)
+    hessian = scale * stats.xtx.to(torch.float64)
+    damped, _ = damped_hessian(hessian, damp)
+    lam = torch.diagonal(damped) - torch.diagonal(hessian)  # λ, and 1 + λ on dead channels
+    cross = scale * stats.cross.to(device=damped.device, dtype=torch.float64)
+    cross = cross + torch.diag(lam)
+    w = weight.to(device=damped.device, dtype=torch.float64)
+    # W̃ᵀ = (H + λI)⁻¹ (C + λI)ᵀ Wᵀ, by Cholesky of the (symmetric, positive definite) damped H
+    chol = torch.linalg.cholesky(damped)
+    target = torch.cholesky_solve(cross.T @ w.T, chol).T
+    return target.to(device=weight.device, dtype=weight.dtype)
+
+
+def relative_shift(target: torch.Tensor, weight: torch.Tensor) -> float:
+    """``||W̃ - W|| / ||W||``: how far the output-aware target moved from the dense weight."""
+    return float((target.double() - weight.double()).norm() / weight.double().norm().clamp_min(1e-30))
