@@ -25,9 +25,11 @@ RECIPE_KEYS = {
     "model", "method", "block_size", "calib_samples", "seq_len", "calib_data", "order", "seed",
     "ignore", "preset", "iterations", "lr", "objective", "init", "device", "distill", "distill_steps",
     "distill_max_seconds", "distill_lr", "distill_target", "output_target",
+    "output_target_mix",
 }
 METHOD_OPTION_KEYS = ("preset", "iterations", "lr", "objective", "init", "device", "distill", "distill_steps",
-                      "distill_max_seconds", "distill_lr", "distill_target", "output_target")
+                      "distill_max_seconds", "distill_lr", "distill_target", "output_target",
+                      "output_target_mix")
 # How and where the run happens rather than what it computes (never in a recipe).
 RUN_KEYS = ("overwrite", "workers", "ray_address")
 

@@ -110,3 +110,43 @@ def test_output_aware_distillation_follows_the_dense_model(tiny_model_dir, tmp_p
     with pytest.raises(ValueError, match="distill-target"):
         run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "bad"), method="armor",
                                    calib_samples=4, seq_len=64, method_options={"distill": True, "distill_target": "x"}))
+
+
+def test_armor_distils_by_default_except_with_the_quick_preset(tiny_model_dir, tmp_path):
+    from armor_vllm.offline.__main__ import build_parser
+    from armor_vllm.offline.pipeline import OfflineOptions, _with_default_distill, run_offline
+
+    def resolved(method="armor", **method_options):
+        opts = OfflineOptions(model="m", output="o", method=method, method_options=method_options)
+        return _with_default_distill(opts).method_options.get("distill")
+
+    assert resolved() is True and resolved(preset="default") is True
+    assert resolved(preset="quick") is False and resolved(distill=False) is False and resolved(preset="quick", distill=True)
+    assert resolved("wanda") is None  # only ARMOR distils
+    assert build_parser().parse_args(["--output", "o", "--no-distill"]).distill is False
+    assert build_parser().parse_args(["--output", "o"]).distill is None  # not given: the default above
+
+    out = tmp_path / "default"
+    run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(out), method="armor", block_size=16,
+                               calib_samples=4, seq_len=64, method_options={"iterations": 1, "distill_steps": 2}))
+    matrices = json.loads((out / "armor_report.json").read_text())["matrices"]
+    assert all(m["distill_steps"] == 2 for m in matrices)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["producer"]["distill"] is True  # what the run did, recorded
+
+
+def test_distillation_tunes_the_projections_and_keeps_moe_experts_as_compressed(tmp_path, default_model_dir):
+    from tiny_archs import make_tiny
+
+    from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+    model_dir = make_tiny("mixtral", tmp_path / "mixtral", default_model_dir)
+    out = tmp_path / "out"
+    run_offline(OfflineOptions(model=str(model_dir), output=str(out), method="armor", calib_samples=4, seq_len=64,
+                               method_options={"preset": "quick", "iterations": 1, "distill": True, "distill_steps": 2}))
+    matrices = json.loads((out / "armor_report.json").read_text())["matrices"]
+    experts = [m for m in matrices if m["kind"] == "expert"]
+    linears = [m for m in matrices if m["kind"] == "linear"]
+    assert experts and linears
+    assert all(m["distill_steps"] == 0 and m["distill_kept"] == 0.0 for m in experts)
+    assert all(m["distill_steps"] == 2 for m in linears)

@@ -20,23 +20,26 @@ def _stats(x_seq, x_dense):
     return InputStats(sq=x64.square().sum(0), n_tokens=x64.shape[0], xtx=x64.T @ x64, cross=d64.T @ x64)
 
 
-def test_dense_output_target_is_the_damped_least_squares_match_of_the_dense_outputs():
+@pytest.mark.parametrize("mix", [1.0, 0.25])
+def test_dense_output_target_is_the_damped_least_squares_match_of_the_mixed_outputs(mix):
     gen = torch.Generator().manual_seed(0)
     tokens, d_in, d_out, damp = 200, 24, 8, 0.05
     x_dense = torch.randn(tokens, d_in, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, d_in, dtype=torch.float64)
     x_seq = x_dense + 0.3 * torch.randn(tokens, d_in, generator=gen, dtype=torch.float64)  # earlier layers' error
     weight = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
-    got = dense_output_target(weight, _stats(x_seq, x_dense), damp)
+    got = dense_output_target(weight, _stats(x_seq, x_dense), damp, mix)
 
-    # min ||X_s Ŵᵀ - X_d Wᵀ||² + λ' ||Ŵ - W||² (λ' = λ N / 2 in the unscaled sums), as one least squares
+    # min mix ||X_s Ŵᵀ - X_d Wᵀ||² + (1 - mix) ||X_s Ŵᵀ - X_s Wᵀ||² + λ' ||Ŵ - W||² (λ' = λ N / 2 in the
+    # unscaled sums), as one stacked least squares
     h = (2.0 / tokens) * x_seq.T @ x_seq
     lam = damp * torch.diagonal(h).mean() * tokens / 2
-    a = torch.cat([x_seq, lam.sqrt() * torch.eye(d_in, dtype=torch.float64)])
-    b = torch.cat([x_dense @ weight.T, lam.sqrt() * weight.T])
+    eye = torch.eye(d_in, dtype=torch.float64)
+    a = torch.cat([mix ** 0.5 * x_seq, (1 - mix) ** 0.5 * x_seq, lam.sqrt() * eye])
+    b = torch.cat([mix ** 0.5 * x_dense @ weight.T, (1 - mix) ** 0.5 * x_seq @ weight.T, lam.sqrt() * weight.T])
     want = torch.linalg.lstsq(a, b).solution.T
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
-    # so it reproduces the dense outputs better than the dense weight does (strictly: the damping term
-    # is zero at W and positive at the minimiser)
+    # so it reproduces the dense outputs better than the dense weight does (strictly: the other terms
+    # are zero at W and positive at the minimiser)
     assert (x_seq @ got.T - x_dense @ weight.T).norm() < (x_seq @ weight.T - x_dense @ weight.T).norm()
 
 
@@ -125,6 +128,8 @@ def test_output_aware_armor_with_distillation_to_the_dense_model(tiny_model_dir,
     (dict(method="magnitude", method_options={"output_target": "dense"}), "--method magnitude takes none"),
     (dict(method="sparsegpt", method_options={"output_target": "model"}), "--output-target 'model' is not one of"),
     (dict(method="armor", method_options={"distill": True, "distill_target": "x"}), "--distill-target 'x' is not one of"),
+    (dict(method="sparsegpt", method_options={"output_target": "dense", "output_target_mix": 0}),
+     r"--output-target-mix must be a number in \(0, 1\], got 0"),
 ])
 def test_bad_output_target_options_fail_before_any_work(tiny_model_dir, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):

@@ -24,8 +24,9 @@ from armor_vllm.format import ArmorLayer
 
 @dataclass(frozen=True)
 class DistillOptions:
-    steps: int = 32
-    lr: float = 1e-4
+    # 16 Adam steps at lr 3e-4: measured on the embedded model (BENCHMARKS.md, section 1)
+    steps: int = 16
+    lr: float = 3e-4
     max_seconds: float | None = 60.0  # per decoder layer
     seed: int = 0
 
@@ -101,17 +102,34 @@ def distill_layer(
     return tuned, info | {"distill_kept": 1.0}
 
 
+TUNABLE_KINDS = ("linear", "conv1d")
+
+
 def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_size, out_dtype,
                     options: DistillOptions) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The pipeline's step: decode one decoder layer's checkpoint tensors, distill them against the
     dense layer's outputs ``dense_out`` on the (sequential) calibration ``inputs``, encode them again.
-    Adds the distillation measurements to every matrix's metrics."""
-    from armor_vllm.format import decode_layer, encode_layer
+    Adds the distillation measurements to every matrix's metrics.
 
-    factors = {t.name: decode_layer(t.checkpoint, tensors, block_size, True) for t in targets}
+    Linear (and conv1d) projections are tuned; other targets (MoE experts) stay as compressed: their
+    compressed weights are written into ``layer`` first, so the tuned projections see them."""
+    from armor_vllm.format import decode_layer, encode_layer
+    from armor_vllm.offline.targets import set_weight
+
+    tunable = [t for t in targets if t.kind in TUNABLE_KINDS]
+    with torch.no_grad():
+        for t in targets:
+            if t.kind not in TUNABLE_KINDS:
+                set_weight(layer, t, decode_layer(t.checkpoint, tensors, block_size, True).weight())
+    if not tunable:
+        return tensors, [m | {"distill_steps": 0, "distill_kept": 0.0} for m in metrics]
+    factors = {t.name: decode_layer(t.checkpoint, tensors, block_size, True) for t in tunable}
     batches = [(h, *inputs.arguments(b)) for b, h in enumerate(inputs.hidden)]
-    tuned, info = distill_layer(layer, targets, factors, batches, dense_out.hidden, options)
+    tuned, info = distill_layer(layer, tunable, factors, batches, dense_out.hidden, options)
     out = dict(tensors)
-    for t in targets:
+    for t in tunable:
         out.update(encode_layer(t.checkpoint, tuned[t.name], out_dtype, wrappers=True))
-    return out, [m | info for m in metrics]
+    fixed = {"distill_steps": 0, "distill_kept": 0.0, "distill_mse_before": info["distill_mse_before"],
+             "distill_mse_after": info["distill_mse_after"]}
+    names = {t.name for t in tunable}
+    return out, [m | (info if m["name"] in names else fixed) for m in metrics]

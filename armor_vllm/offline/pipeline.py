@@ -147,7 +147,7 @@ def _compress_layer(
     per experts module, the routed token counts and fallbacks (``experts.resolve``). A group whose
     statistics hold the dense path's ``cross`` (``--output-target dense``) is compressed towards its
     output-aware weights (``output_target``) instead of the dense ones."""
-    from armor_vllm.offline.output_target import dense_output_target, relative_shift
+    from armor_vllm.offline.output_target import DEFAULT_MIX, dense_output_target, relative_shift
 
     by_name = {t.name: t for t in targets}
     tensors: dict[str, torch.Tensor] = {}
@@ -162,7 +162,8 @@ def _compress_layer(
             weights[name] = targets_mod.get_weight(layer, t)
             if group.stats is not None and group.stats.cross is not None:
                 dense = weights[name]
-                weights[name] = dense_output_target(dense, group.stats, float(method.options.get("damp", 0.01)))
+                weights[name] = dense_output_target(dense, group.stats, float(method.options.get("damp", 0.01)),
+                                                    method.options.get("output_target_mix", DEFAULT_MIX))
                 shifts[name] = relative_shift(weights[name], dense)
         jobs.append((weights, group.stats))
     outcomes = (executor or LocalExecutor()).compress_groups(method, jobs)
@@ -197,7 +198,7 @@ def _compress_layer(
 
 def _check_targets(opts: OfflineOptions, method_cls) -> None:
     """``--output-target`` and ``--distill-target``: known values, in an order where they mean something."""
-    from armor_vllm.offline.output_target import OUTPUT_TARGETS
+    from armor_vllm.offline.output_target import OUTPUT_TARGETS, check_mix
 
     for key in ("output_target", "distill_target"):
         value = opts.method_options.get(key, "layer")
@@ -206,8 +207,20 @@ def _check_targets(opts: OfflineOptions, method_cls) -> None:
             raise ValueError(f"{option} {value!r} is not one of {list(OUTPUT_TARGETS)}")
         if value == "dense" and opts.order != "sequential":
             raise ValueError(f"{option} dense needs --order sequential (in dense order both targets are the same)")
+    if "output_target_mix" in opts.method_options:
+        check_mix(opts.method_options["output_target_mix"])
     if opts.method_options.get("output_target") == "dense" and method_cls.name == "magnitude":
         raise ValueError("--output-target dense needs calibration statistics; --method magnitude takes none")
+
+
+def _with_default_distill(opts: OfflineOptions) -> OfflineOptions:
+    """ARMOR distils by default (``--distill``; measured to lower perplexity on every text, BENCHMARKS.md
+    section 1), except with ``--preset quick``, the fastest schedule. Resolved before the run's
+    fingerprint, so a resumed run distils exactly when the first one did."""
+    if opts.method != "armor" or opts.method_options.get("distill") is not None:
+        return opts
+    on = opts.method_options.get("preset", "default") != "quick"
+    return replace(opts, method_options={**opts.method_options, "distill": on})
 
 
 def _distill(layer, targets, tensors, metrics, inputs, dense_out, opts: OfflineOptions, out_dtype):
@@ -250,6 +263,7 @@ def run_offline(opts: OfflineOptions) -> dict:
             raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
     _check_targets(opts, method_cls)
+    opts = _with_default_distill(opts)
     # Before anything is written: an architecture or option the pass cannot handle fails here.
     targets_mod.check_architecture(model_dir)
     stream = LayerStream(model_dir, dtype=torch.float32)
