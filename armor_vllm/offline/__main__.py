@@ -105,11 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         f"  {summary['bytes_on_disk'] / 2**20:.1f} MiB on disk in {len(summary['shards'])} shard(s); "
         f"global sparsity {summary['global_sparsity']:.3f}\n"
         f"  {summary['seconds_total']:.0f} s in all ({summary['seconds_calibration']:.0f} s calibration, "
-        f"{summary['seconds_compress']:.0f} s compression); peak memory {summary['peak_rss_gib']:.2f} GiB\n"
+        f"{summary['seconds_compress']:.0f} s compression"
+        f"{_distill_part(summary)}); peak memory {summary['peak_rss_gib']:.2f} GiB\n"
         f"  report: {summary['output']}/armor_report.json, armor_report.png"
     )
     print(_dense_line(summary))
     return 0
+
+
+def _distill_part(summary: dict) -> str:
+    seconds = summary.get("seconds_distill")
+    return f", {seconds:.0f} s distillation" if seconds else ""
 
 
 def _dense_line(summary: dict) -> str:

@@ -421,6 +421,7 @@ def _assemble(opts, model_dir, partial, work, source_config, plan, metrics) -> d
         "wrapper_overhead": (wrapper_numbers / kept) if kept else 0.0,
         "mean_proxy_loss": (sum(losses) / len(losses)) if losses else None,
         "seconds_compress": sum(m["seconds"] for m in metrics),
+        "seconds_distill": sum({m["layer"]: m.get("distill_seconds", 0.0) for m in metrics}.values()),
         "model_type": plan.model_type,
         "compressed_kinds": sorted({m["kind"] for m in metrics}),
         "dense": [{"name": d.checkpoint, "reason": d.reason} for d in plan.dense],
