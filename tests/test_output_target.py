@@ -135,3 +135,20 @@ def test_bad_output_target_options_fail_before_any_work(tiny_model_dir, tmp_path
     with pytest.raises(ValueError, match=message):
         run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "x"), block_size=32, **SMALL, **options))
     assert not (tmp_path / "x.partial").exists()
+
+
+def test_output_aware_moe_model_keeps_the_layer_target_for_its_experts(tmp_path, default_model_dir):
+    """Experts see other tokens on the dense and the compressed path (routing differs), so they keep
+    the layer target; the attention projections around them are output-aware."""
+    from tiny_archs import make_tiny
+
+    model_dir = make_tiny("mixtral", tmp_path / "mixtral", default_model_dir)
+    out = tmp_path / "out"
+    run_offline(OfflineOptions(model=str(model_dir), output=str(out), method="sparsegpt",
+                               method_options={"output_target": "dense"}, **SMALL))
+    matrices = json.loads((out / "armor_report.json").read_text())["matrices"]
+    experts = [m for m in matrices if m["kind"] == "expert"]
+    linears = [m for m in matrices if m["kind"] == "linear"]
+    assert experts and all("output_target_shift" not in m for m in experts)
+    assert linears and all("output_target_shift" in m for m in linears)
+    assert any(m["output_target_shift"] > 1e-3 for m in linears if m["layer"] == 1)

@@ -165,12 +165,9 @@ def collect_layer_stats(
     see only the tokens routed to that expert, its down projection their intermediate activations.
 
     ``dense_inputs`` (the dense model's hidden states entering this layer; ``--output-target
-    dense``): each batch is first run on the dense path, keeping every target's input, so that the
-    statistics also hold ``cross = X_dense^T X`` (and ``xtx``). Not for MoE experts, whose routing
-    differs between the two paths."""
-    if dense_inputs is not None and any(t.kind == "expert" for t in targets):
-        raise ValueError(f"--output-target dense: {targets[0].checkpoint.rsplit('.', 2)[0]} has MoE experts, whose "
-                         f"tokens are routed differently on the dense and compressed paths; use --output-target layer")
+    dense``): each batch is first run on the dense path, keeping every linear target's input, so
+    that their statistics also hold ``cross = X_dense^T X`` (and ``xtx``). MoE experts get none:
+    their tokens are routed differently on the two paths, so they keep the layer target."""
     by_module: dict[str, list[Target]] = {}
     for t in targets:
         by_module.setdefault(t.module, []).append(t)
@@ -207,6 +204,8 @@ def collect_layer_stats(
 
     def experts_hook(module_name: str):
         def hook(module, args, kwargs):
+            if on_dense_path:
+                return
             for e, part, x in moe.expert_inputs(module, args, kwargs):
                 key = (module_name, e, part)
                 if key not in stats:
