@@ -2,7 +2,8 @@
 
 Statistics live in out/proto/ (benchmarks/layer_stats.py writes them); run from the repository root:
 
-    python benchmarks/layer_stats.py LAYERS N SOURCE TAG   # e.g. 15 64 mix _mix64; 15 32 fortunes _fortunes
+    python benchmarks/layer_stats.py LAYERS N SOURCE TAG [SEQ_LEN]   # e.g. 15 64 mix _mix64; 15 32 fortunes _fortunes
+    python benchmarks/layer_stats.py 15 128 mix _mix128x256 256          # N sequences of SEQ_LEN tokens (default 512)
 """
 import sys
 from pathlib import Path
@@ -16,13 +17,13 @@ from armor_vllm.models import default_model_dir
 from armor_vllm.calibration import mixed_samples, source_texts, token_stream, spread_windows
 torch.set_num_threads(1)
 want = [int(x) for x in sys.argv[1].split(",")]
-n = int(sys.argv[2]); source = sys.argv[3]; tag = sys.argv[4]
+n = int(sys.argv[2]); source = sys.argv[3]; tag = sys.argv[4]; seq_len = int(sys.argv[5]) if len(sys.argv) > 5 else 512
 md = default_model_dir()
 tok = AutoTokenizer.from_pretrained(md)
 if source == "mix":
-    samples, _ = mixed_samples(tok, n, 512)
+    samples, _ = mixed_samples(tok, n, seq_len)
 else:
-    samples = spread_windows(token_stream(tok, source_texts(source)), n, 512)
+    samples = spread_windows(token_stream(tok, source_texts(source)), n, seq_len)
 model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32).eval()
 groups = {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
           "mlp.gate_proj+mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj"}

@@ -112,17 +112,22 @@ def test_output_aware_distillation_follows_the_dense_model(tiny_model_dir, tmp_p
                                    calib_samples=4, seq_len=64, method_options={"distill": True, "distill_target": "x"}))
 
 
-def test_armor_distils_by_default_except_with_the_quick_preset(tiny_model_dir, tmp_path):
+def test_armor_defaults_distil_and_target_the_dense_model(tiny_model_dir, tmp_path):
     from armor_vllm.offline.__main__ import build_parser
-    from armor_vllm.offline.pipeline import OfflineOptions, _with_default_distill, run_offline
+    from armor_vllm.offline.pipeline import OfflineOptions, _with_armor_defaults, run_offline
 
-    def resolved(method="armor", **method_options):
-        opts = OfflineOptions(model="m", output="o", method=method, method_options=method_options)
-        return _with_default_distill(opts).method_options.get("distill")
+    def resolved(method="armor", order="sequential", **method_options):
+        opts = OfflineOptions(model="m", output="o", method=method, order=order, method_options=method_options)
+        got = _with_armor_defaults(opts).method_options
+        return got.get("distill"), got.get("output_target"), got.get("distill_target")
 
-    assert resolved() is True and resolved(preset="default") is True
-    assert resolved(preset="quick") is False and resolved(distill=False) is False and resolved(preset="quick", distill=True)
-    assert resolved("wanda") is None  # only ARMOR distils
+    assert resolved() == (True, "dense", "dense") and resolved(preset="default") == (True, "dense", "dense")
+    assert resolved(preset="quick") == (False, "dense", None)  # the fastest schedule does not distil
+    assert resolved(distill=False) == (False, "dense", None)
+    assert resolved(preset="quick", distill=True) == (True, "dense", "dense")
+    assert resolved(output_target="layer", distill_target="layer") == (True, "layer", "layer")  # explicit wins
+    assert resolved(order="dense") == (True, None, None)  # both paths are the dense model's there
+    assert resolved("wanda") == (None, None, None)  # baselines stay as published
     assert build_parser().parse_args(["--output", "o", "--no-distill"]).distill is False
     assert build_parser().parse_args(["--output", "o"]).distill is None  # not given: the default above
 
@@ -130,9 +135,9 @@ def test_armor_distils_by_default_except_with_the_quick_preset(tiny_model_dir, t
     run_offline(OfflineOptions(model=str(tiny_model_dir), output=str(out), method="armor", block_size=16,
                                calib_samples=4, seq_len=64, method_options={"iterations": 1, "distill_steps": 2}))
     matrices = json.loads((out / "armor_report.json").read_text())["matrices"]
-    assert all(m["distill_steps"] == 2 for m in matrices)
-    config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["producer"]["distill"] is True  # what the run did, recorded
+    assert all(m["distill_steps"] == 2 and "output_target_shift" in m for m in matrices)
+    producer = json.loads((out / "config.json").read_text())["quantization_config"]["producer"]
+    assert producer["distill"] is True and producer["output_target"] == producer["distill_target"] == "dense"
 
 
 def test_distillation_tunes_the_projections_and_keeps_moe_experts_as_compressed(tmp_path, default_model_dir):

@@ -213,14 +213,22 @@ def _check_targets(opts: OfflineOptions, method_cls) -> None:
         raise ValueError("--output-target dense needs calibration statistics; --method magnitude takes none")
 
 
-def _with_default_distill(opts: OfflineOptions) -> OfflineOptions:
-    """ARMOR distils by default (``--distill``; measured to lower perplexity on every text, BENCHMARKS.md
-    section 1), except with ``--preset quick``, the fastest schedule. Resolved before the run's
-    fingerprint, so a resumed run distils exactly when the first one did."""
-    if opts.method != "armor" or opts.method_options.get("distill") is not None:
+def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
+    """ARMOR's defaults beyond its schedule, each measured to lower perplexity on every text
+    (BENCHMARKS.md, section 1): distillation (``--distill``) except with ``--preset quick``, the
+    fastest schedule; and in sequential order, output-aware targets for the compression
+    (``--output-target dense``) and for the distillation (``--distill-target dense``). Resolved
+    before the run's fingerprint, so a resumed run does exactly what the first one did."""
+    if opts.method != "armor":
         return opts
-    on = opts.method_options.get("preset", "default") != "quick"
-    return replace(opts, method_options={**opts.method_options, "distill": on})
+    options = dict(opts.method_options)
+    if options.get("distill") is None:
+        options["distill"] = options.get("preset", "default") != "quick"
+    if opts.order == "sequential":
+        options.setdefault("output_target", "dense")
+        if options["distill"]:
+            options.setdefault("distill_target", "dense")
+    return replace(opts, method_options=options)
 
 
 def _distill(layer, targets, tensors, metrics, inputs, dense_out, opts: OfflineOptions, out_dtype):
@@ -263,7 +271,7 @@ def run_offline(opts: OfflineOptions) -> dict:
             raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
     _check_targets(opts, method_cls)
-    opts = _with_default_distill(opts)
+    opts = _with_armor_defaults(opts)
     # Before anything is written: an architecture or option the pass cannot handle fails here.
     targets_mod.check_architecture(model_dir)
     stream = LayerStream(model_dir, dtype=torch.float32)
