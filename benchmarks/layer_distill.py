@@ -76,6 +76,7 @@ def rel_err(fs):
 print("ARMOR full (no distill): relative layer-output error", rel_err(factors), flush=True)
 targets = [SimpleNamespace(name=n, module=n, kind="linear", checkpoint=n) for n in factors]
 t0 = time.perf_counter()
-tuned, info = distill_layer(layer, targets, factors, batches["calib"], dense["calib"], DistillOptions(steps=steps, lr=lr, max_seconds=None))
+result = distill_layer(layer, targets, factors, batches["calib"], dense["calib"], DistillOptions(steps=steps, lr=lr, max_seconds=None))
+tuned, info = result.factors, result.info
 print(f"distilled {steps} steps lr {lr} in {time.perf_counter()-t0:.0f}s: {info}", flush=True)
 print("after distill: relative layer-output error", rel_err(tuned), flush=True)

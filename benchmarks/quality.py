@@ -60,8 +60,6 @@ RUNS = {
     "armor-full-sgpt-bs64-aware": [*_FULL, "--block-size", "64", "--output-target", "dense", "--no-distill"],
     "armor-full-sgpt-bs64-aware-mix50": [*_FULL, "--block-size", "64", "--output-target", "dense",
                                          "--output-target-mix", "0.5", "--no-distill"],
-    "armor-full-sgpt-bs64-aware-distill": [*_FULL, "--block-size", "64", "--output-target", "dense", "--distill",
-                                           "--distill-target", "layer"],
     "armor-full-sgpt-bs64-aware-distill-dense": [*_FULL, "--block-size", "64", "--output-target", "dense", "--distill",
                                                  "--distill-steps", "16", "--distill-lr", "3e-4",
                                                  "--distill-target", "dense"],

@@ -43,8 +43,8 @@ def test_distill_lowers_the_layer_error_and_keeps_the_masks():
         dense = [layer(h, scale=2.0)[0] for h in hidden]
     factors = pruned_factors(layer)
     batches = [(h, (), {"scale": 2.0}) for h in hidden]
-    tuned, info = distill_layer(layer, targets, factors, batches, dense,
-                                DistillOptions(steps=60, lr=3e-3, max_seconds=None))
+    result = distill_layer(layer, targets, factors, batches, dense, DistillOptions(steps=60, lr=3e-3, max_seconds=None))
+    tuned, info = result.factors, result.info
     assert info["distill_kept"] == 1.0 and info["distill_steps"] == 60
     assert info["distill_mse_after"] < 0.7 * info["distill_mse_before"]
     for name in ("up", "down"):
@@ -60,8 +60,9 @@ def test_distill_keeps_the_given_factors_when_it_does_not_help():
     with torch.no_grad():  # the pruned layer's own outputs: the error starts at 0
         w = {f"{n}.weight": f.weight() for n, f in factors.items()}
         dense = [torch.func.functional_call(layer, w, (hidden[0],))[0]]
-    tuned, info = distill_layer(layer, targets, factors, [(hidden[0], (), {})], dense, DistillOptions(steps=5, lr=1e-2))
-    assert info["distill_kept"] == 0.0 and tuned is factors
+    result = distill_layer(layer, targets, factors, [(hidden[0], (), {})], dense, DistillOptions(steps=5, lr=1e-2))
+    assert result.info["distill_kept"] == 0.0 and result.factors is factors
+    torch.testing.assert_close(result.outputs[0], dense[0])  # the outputs of the factors it kept
 
 
 def test_distill_refuses_expert_targets():

@@ -45,9 +45,15 @@ def test_wanda_writes_a_valid_checkpoint_and_report(tiny_model_dir, tmp_path):
             assert torch.equal(dense[name], w)
 
 
-@pytest.mark.parametrize("order", ["sequential", "dense"])
-def test_interrupted_run_resumes_to_identical_bytes(tiny_model_dir, tmp_path, monkeypatch, order):
-    opts = dict(model=str(tiny_model_dir), method="wanda", block_size=32, order=order, **SMALL)
+@pytest.mark.parametrize("order, method, method_options", [
+    ("sequential", "wanda", {}),
+    ("dense", "wanda", {}),
+    # ARMOR's defaults: output-aware targets, distillation (whose outputs feed the next layer)
+    ("sequential", "armor", {"iterations": 1, "distill_steps": 2}),
+])
+def test_interrupted_run_resumes_to_identical_bytes(tiny_model_dir, tmp_path, monkeypatch, order, method, method_options):
+    opts = dict(model=str(tiny_model_dir), method=method, block_size=32, order=order, method_options=method_options,
+                **SMALL)
     reference = tmp_path / "reference"
     run_offline(OfflineOptions(output=str(reference), **opts))
 

@@ -13,6 +13,7 @@ The checkpoint format does not change (the result is again ``A``, ``S``, ``B`` p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,17 @@ def _param_name(target) -> str:
     return f"{target.module}.weight"
 
 
+@dataclass
+class Distilled:
+    """What ``distill_layer`` returns: the factors it chose, what it measured, and the layer's outputs
+    on the calibration batches with those factors (the next decoder layer's inputs in sequential
+    order, so the pipeline does not run the layer once more)."""
+
+    factors: dict[str, ArmorLayer]
+    info: dict[str, float]
+    outputs: list[torch.Tensor]
+
+
 def distill_layer(
     layer: nn.Module,
     targets: list,
@@ -49,10 +61,12 @@ def distill_layer(
     batches: list[tuple[torch.Tensor, tuple, dict]],
     dense_hidden: list[torch.Tensor],
     options: DistillOptions = DistillOptions(),
-) -> tuple[dict[str, ArmorLayer], dict[str, float]]:
+    as_stored: Callable[[dict[str, ArmorLayer]], dict[str, ArmorLayer]] = lambda factors: factors,
+) -> Distilled:
     """Tune ``factors`` (per target name; masks fixed) so that ``layer`` called on every batch
-    ``(hidden, args, kwargs)`` reproduces that batch's ``dense_hidden``. Returns the factors (the
-    distilled ones if they lowered the error, else the given ones) and what was measured."""
+    ``(hidden, args, kwargs)`` reproduces that batch's ``dense_hidden``. The tuned factors are judged
+    as they will be stored (``as_stored``: e.g. rounded to the checkpoint's dtype) against the given
+    ones, which are taken as stored already; the better of the two is returned."""
     start = time.perf_counter()
     names = {t.name: _param_name(t) for t in targets}
     kinds = {t.name: t.kind for t in targets}
@@ -62,21 +76,21 @@ def distill_layer(
         masks[name] = f.core != 0
     sequences = list(zip(batches, dense_hidden))
 
-    def weights():
-        out = {}
-        for name, (a, core, b) in params.items():
-            w = reconstruct(a, core * masks[name], b)
-            out[names[name]] = w.T if kinds[name] == "conv1d" else w
-        return out
+    def substituted(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # conv1d stores (d_in, d_out); contiguous, as a module's own parameter is
+        return {names[n]: (w.T.contiguous() if kinds[n] == "conv1d" else w) for n, w in weights.items()}
 
-    def error(pairs) -> float:
+    def trained_weights():
+        return substituted({n: reconstruct(a, core * masks[n], b) for n, (a, core, b) in params.items()})
+
+    def evaluate(chosen: dict[str, ArmorLayer]) -> tuple[float, list[torch.Tensor]]:
         with torch.no_grad():
-            w = weights()
-            total = sum(float((_output(torch.func.functional_call(layer, w, (h, *args), kwargs)) - d).square().sum())
-                        for (h, args, kwargs), d in pairs)
-        return total / max(sum(d.numel() for _, d in pairs), 1)
+            w = substituted({n: f.weight() for n, f in chosen.items()})
+            outputs = [_output(torch.func.functional_call(layer, w, (h, *args), kwargs)) for (h, args, kwargs), _ in sequences]
+            total = sum(float((o - d).square().sum()) for o, (_, d) in zip(outputs, sequences))
+        return total / max(sum(d.numel() for _, d in sequences), 1), outputs
 
-    before = error(sequences)
+    before, before_outputs = evaluate(factors)
     optimizer = torch.optim.Adam([p for group in params.values() for p in group], lr=options.lr)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(options.seed))
     steps = 0
@@ -85,31 +99,30 @@ def distill_layer(
             break
         (h, args, kwargs), d = sequences[int(order[step % len(sequences)])]
         optimizer.zero_grad()
-        out = _output(torch.func.functional_call(layer, weights(), (h, *args), kwargs))
+        out = _output(torch.func.functional_call(layer, trained_weights(), (h, *args), kwargs))
         loss = (out - d).square().mean() / d.square().mean().clamp_min(1e-30)
         loss.backward()
         optimizer.step()
         steps += 1
-    after = error(sequences)
+    tuned = as_stored({n: ArmorLayer(a.detach(), (core * masks[n]).detach(), b.detach(), bias=factors[n].bias)
+                       for n, (a, core, b) in params.items()})
+    after, after_outputs = evaluate(tuned)
     info = {"distill_mse_before": before, "distill_mse_after": after, "distill_steps": steps,
             "distill_seconds": time.perf_counter() - start}
     if not after < before:
-        return factors, info | {"distill_kept": 0.0}
-    tuned = {}
-    for name, (a, core, b) in params.items():
-        old = factors[name]
-        tuned[name] = ArmorLayer(a.detach(), (core * masks[name]).detach(), b.detach(), bias=old.bias)
-    return tuned, info | {"distill_kept": 1.0}
+        return Distilled(factors, info | {"distill_kept": 0.0}, before_outputs)
+    return Distilled(tuned, info | {"distill_kept": 1.0}, after_outputs)
 
 
 TUNABLE_KINDS = ("linear", "conv1d")
 
 
 def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_size, out_dtype,
-                    options: DistillOptions) -> tuple[dict[str, torch.Tensor], list[dict]]:
+                    options: DistillOptions) -> tuple[dict[str, torch.Tensor], list[dict], list[torch.Tensor]]:
     """The pipeline's step: decode one decoder layer's checkpoint tensors, distill them against the
     dense layer's outputs ``dense_out`` on the (sequential) calibration ``inputs``, encode them again.
-    Adds the distillation measurements to every matrix's metrics.
+    Adds the distillation measurements to every matrix's metrics and returns, too, the layer's
+    outputs on ``inputs`` with the stored result (what the next layer sees in sequential order).
 
     Linear (and conv1d) projections are tuned; other targets (MoE experts) stay as compressed: their
     compressed weights are written into ``layer`` first, so the tuned projections see them."""
@@ -122,14 +135,24 @@ def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_s
             if t.kind not in TUNABLE_KINDS:
                 set_weight(layer, t, decode_layer(t.checkpoint, tensors, block_size, True).weight())
     if not tunable:
-        return tensors, [m | {"distill_steps": 0, "distill_kept": 0.0} for m in metrics]
+        return tensors, [m | {"distill_steps": 0, "distill_kept": 0.0} for m in metrics], None
+    by_name = {t.name: t for t in tunable}
+
+    def encoded(factors):
+        out = {}
+        for name, f in factors.items():
+            out.update(encode_layer(by_name[name].checkpoint, f, out_dtype, wrappers=True))
+        return out
+
+    def as_stored(factors):  # rounded to the checkpoint's dtype: what a resumed run reads back
+        stored = encoded(factors)
+        return {name: decode_layer(by_name[name].checkpoint, stored, block_size, True) for name in factors}
+
     factors = {t.name: decode_layer(t.checkpoint, tensors, block_size, True) for t in tunable}
     batches = [(h, *inputs.arguments(b)) for b, h in enumerate(inputs.hidden)]
-    tuned, info = distill_layer(layer, tunable, factors, batches, dense_out.hidden, options)
-    out = dict(tensors)
-    for t in tunable:
-        out.update(encode_layer(t.checkpoint, tuned[t.name], out_dtype, wrappers=True))
+    result = distill_layer(layer, tunable, factors, batches, dense_out.hidden, options, as_stored)
+    info = result.info
     fixed = {"distill_steps": 0, "distill_kept": 0.0, "distill_mse_before": info["distill_mse_before"],
              "distill_mse_after": info["distill_mse_after"]}
-    names = {t.name for t in tunable}
-    return out, [m | (info if m["name"] in names else fixed) for m in metrics]
+    return ({**tensors, **encoded(result.factors)}, [m | (info if m["name"] in by_name else fixed) for m in metrics],
+            result.outputs)

@@ -317,7 +317,7 @@ def run_offline(opts: OfflineOptions) -> dict:
         for index in progress:
             layer = stream.load_layer(index)
             targets = plan.targets[index]
-            dense_out = dense_next = None
+            dense_out = dense_next = next_hidden = None
             if _layer_file(work, index).is_file():
                 tensors, metrics = _load_layer(work, index)
             else:
@@ -338,14 +338,18 @@ def run_offline(opts: OfflineOptions) -> dict:
                     index, targets, layer, groups, method, out_dtype, opts.block_size, executor, routing
                 )
                 if opts.method_options.get("distill"):  # armor_vllm.offline.distill
-                    tensors, metrics = _distill(layer, targets, tensors, metrics, inputs,
-                                                dense_out if dense_next is None else dense_next, opts, out_dtype)
+                    to_match = dense_next if opts.method_options.get("distill_target") == "dense" else dense_out
+                    tensors, metrics, next_hidden = _distill(layer, targets, tensors, metrics, inputs, to_match,
+                                                             opts, out_dtype)
                 _save_layer(work, index, tensors, metrics)
             if dense_inputs is not None and dense_next is None:  # resumed layer: the dense path goes on
                 dense_next = run_layer(layer, dense_inputs)
             if inputs is not None:  # the next layer's inputs
                 tc = time.perf_counter()
-                if opts.order == "sequential":
+                if opts.order == "sequential" and next_hidden is not None:
+                    # distillation already ran the layer with what the checkpoint holds
+                    inputs = inputs.next(next_hidden)
+                elif opts.order == "sequential":
                     # From what the checkpoint holds (factors in out_dtype), the same whether this
                     # layer was just compressed or read back on a resume: same bytes either way.
                     _set_weights(layer, targets, _rebuilt_from_tensors(targets, tensors, opts.block_size, method.uses_wrappers))
