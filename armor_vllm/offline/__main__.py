@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the 2:4 pruning ARMOR starts from (default: sparsegpt for --objective full, nowag for diag)")
     p.add_argument("--output-target", choices=["layer", "dense"], default=None,
                    help="what each matrix is compressed to reproduce on its calibration inputs: the dense matrix's "
-                        "outputs (layer, default) or the dense model's own outputs at that matrix (dense: output-aware, "
-                        "also corrects the error of earlier layers; armor_vllm.offline.output_target)")
+                        "outputs (layer) or a mix with the dense model's own outputs at that matrix (dense: output-aware, "
+                        "also corrects part of the error of earlier layers; armor_vllm.offline.output_target). Default: "
+                        "dense for --method armor in sequential order, else layer")
     p.add_argument("--output-target-mix", type=float, default=None,
                    help="with --output-target dense: the share (0, 1] of the dense model's outputs in each matrix's "
                         "target, the rest the dense matrix's (default 0.25)")
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: on for --method armor except with --preset quick")
     p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per decoder layer (default 16)")
     p.add_argument("--distill-target", choices=["layer", "dense"], default=None,
-                   help="what --distill matches: the dense layer on the compressed model's inputs (layer, default) "
-                        "or the dense model's own hidden states (dense: output-aware, corrects earlier layers' error)")
+                   help="what --distill matches: the dense layer on the compressed model's inputs (layer) or the "
+                        "dense model's own hidden states (dense: output-aware, corrects earlier layers' error). "
+                        "Default: dense in sequential order, else layer")
     p.add_argument("--distill-lr", type=float, default=None, help="Adam learning rate of distillation (default 3e-4)")
     p.add_argument("--distill-max-seconds", type=float, default=None,
                    help="wall-time cap of distillation per decoder layer (default 60)")
