@@ -154,15 +154,35 @@ def main() -> int:
     return 0
 
 
+def armor_settings(command: str) -> tuple[str, str, str]:
+    """Block size, output target and distillation of an ARMOR run, from its CLI options (the CLI's
+    defaults where an option is not given: auto = 64 on this model, dense targets, 16 steps)."""
+    args = command.split()
+
+    def value(flag, default):
+        return args[args.index(flag) + 1] if flag in args else default
+
+    quick = value("--preset", "default") == "quick"
+    distill = "--distill" in args or ("--no-distill" not in args and not quick)
+    out = value("--output-target", "dense")
+    if out == "dense":
+        out += f", mix {value('--output-target-mix', '0.25')}"
+    how = f"{value('--distill-target', 'dense')}, {value('--distill-steps', '16')}" if distill else "no"
+    return value("--block-size", "64"), out, how
+
+
 def table(runs: dict) -> str:
+    """The markdown table of BENCHMARKS.md, section 1."""
     dense = runs["dense"]["perplexity"]
     texts = [t for t in TEXTS if t in dense]
     best = {t: min((n for n in BASELINES if n in runs), key=lambda n: runs[n]["perplexity"][t], default=None)
             for t in texts}
-    head = "| run | " + " | ".join(f"{t} ppl | {t} gap closed | {t} / dense" for t in texts) + \
-        " | proxy loss | output loss | wrappers | MiB | compress time |"
-    lines = [head, "|" + "---|" * (3 * len(texts) + 6)]
-    for name, r in runs.items():
+    head = "| run | bs | out | distill | " + " | ".join(f"{t} ppl | gap closed | / dense" for t in texts) + \
+        " | output loss | MiB | compress time |"
+    lines = [head, "|" + "---|" * (3 * len(texts) + 7)]
+    order = ["dense", *(n for n in RUNS if n in runs), *(n for n in runs if n != "dense" and n not in RUNS)]
+    for name in order:
+        r = runs[name]
         cells = []
         for t in texts:
             ppl = r["perplexity"][t]
@@ -170,12 +190,14 @@ def table(runs: dict) -> str:
             closed = ""
             if b and name not in BASELINES and name != "dense":
                 gap = runs[b]["perplexity"][t] - dense[t]
-                closed = f"{100 * (runs[b]['perplexity'][t] - ppl) / gap:.0f}% (vs {b})"
+                closed = f"{100 * (runs[b]['perplexity'][t] - ppl) / gap:.0f}%"
             cells += [f"{ppl:.2f}", closed, f"{ppl / dense[t]:.2f}x"]
-        loss, hloss = r.get("mean_proxy_loss"), r.get("mean_hessian_loss")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if loss is None else f'{loss:.4f}'} | "
-                     f"{'' if hloss is None else f'{hloss:.4f}'} | {100 * r.get('wrapper_overhead', 0):.1f}% | "
-                     f"{r.get('bytes_on_disk', 0) / 2**20:.0f} | {r['seconds']:.0f} s |")
+        settings = armor_settings(r["command"]) if name.startswith("armor") else ("", "", "")
+        hloss = r.get("mean_hessian_loss")
+        mib = r.get("bytes_on_disk", 0) / 2**20 or 256.6  # dense: the source checkpoint
+        seconds = "" if name == "dense" else f"{r['seconds']:.0f} s" + (" (load)" if r.get("under_load") else "")
+        lines.append(f"| {name} | " + " | ".join(settings) + " | " + " | ".join(cells) +
+                     f" | {'' if hloss is None else f'{hloss:.4f}'} | {mib:.0f} | {seconds} |")
     return "\n".join(lines)
 
 
