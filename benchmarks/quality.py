@@ -232,13 +232,18 @@ def plot_time(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+# the per-layer plot shows the baselines and one ARMOR run per step of the way to the default
+LAYER_PLOT_RUNS = ("wanda", "nowag", "sparsegpt", "armor-diag-nowag-quick", "armor-full-sgpt", "armor-full-sgpt-bs64",
+                   "armor-default")
+
+
 def plot_layers(runs: dict, work: Path, path: Path) -> None:
     from armor_vllm.offline.report import plot_losses
 
     by_method = {}
     for name in runs:
         report = work / name / "armor_report.json"
-        if report.is_file() and "calib" not in name:
+        if report.is_file() and name in LAYER_PLOT_RUNS:
             by_method[name] = json.loads(report.read_text())["matrices"]
     if by_method:
         plot_losses(path, by_method, title="SmolLM2-135M: per-layer relative proxy loss by method")
