@@ -73,6 +73,8 @@ RUNS = {
     # ... with other calibration sizes
     "armor-default-calib-32": ["--method", "armor", "--calib-samples", "32"],
     "armor-default-calib-128": ["--method", "armor", "--calib-samples", "128"],
+    # ... starting from NoWag-P instead of SparseGPT
+    "armor-default-init-nowag": ["--method", "armor", "--init", "nowag"],
 }
 
 
@@ -171,15 +173,28 @@ def armor_settings(command: str) -> tuple[str, str, str]:
     return value("--block-size", "64"), out, how
 
 
+def calibration_size(command: str) -> str:
+    """Calibration sequences x tokens of a run, from its CLI options (the CLI's defaults 64 x 512
+    where not given); empty for the dense row, which has no command."""
+    if not command:
+        return ""
+    args = command.split()
+
+    def value(flag, default):
+        return args[args.index(flag) + 1] if flag in args else default
+
+    return f"{value('--calib-samples', '64')} x {value('--seq-len', '512')}"
+
+
 def table(runs: dict) -> str:
     """The markdown table of BENCHMARKS.md, section 1."""
     dense = runs["dense"]["perplexity"]
     texts = [t for t in TEXTS if t in dense]
     best = {t: min((n for n in BASELINES if n in runs), key=lambda n: runs[n]["perplexity"][t], default=None)
             for t in texts}
-    head = "| run | bs | out | distill | " + " | ".join(f"{t} ppl | gap closed | / dense" for t in texts) + \
+    head = "| run | calib | bs | out | distill | " + " | ".join(f"{t} ppl | gap closed | / dense" for t in texts) + \
         " | output loss | MiB | compress time |"
-    lines = [head, "|" + "---|" * (3 * len(texts) + 7)]
+    lines = [head, "|" + "---|" * (3 * len(texts) + 8)]
     order = ["dense", *(n for n in RUNS if n in runs), *(n for n in runs if n != "dense" and n not in RUNS)]
     for name in order:
         r = runs[name]
@@ -193,6 +208,7 @@ def table(runs: dict) -> str:
                 closed = f"{100 * (runs[b]['perplexity'][t] - ppl) / gap:.0f}%"
             cells += [f"{ppl:.2f}", closed, f"{ppl / dense[t]:.2f}x"]
         settings = armor_settings(r["command"]) if name.startswith("armor") else ("", "", "")
+        settings = (calibration_size(r.get("command", "")), *settings)
         hloss = r.get("mean_hessian_loss")
         mib = r.get("bytes_on_disk", 0) / 2**20 or 256.6  # dense: the source checkpoint
         seconds = "" if name == "dense" else f"{r['seconds']:.0f} s" + (" (load)" if r.get("under_load") else "")
