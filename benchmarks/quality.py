@@ -156,13 +156,18 @@ def main() -> int:
     return 0
 
 
+def _option(args: list[str], flag: str, default: str) -> str:
+    """The value given to ``flag`` in a run's CLI arguments, else the CLI's default."""
+    return args[args.index(flag) + 1] if flag in args else default
+
+
 def armor_settings(command: str) -> tuple[str, str, str]:
     """Block size, output target and distillation of an ARMOR run, from its CLI options (the CLI's
     defaults where an option is not given: auto = 64 on this model, dense targets, 16 steps)."""
     args = command.split()
 
     def value(flag, default):
-        return args[args.index(flag) + 1] if flag in args else default
+        return _option(args, flag, default)
 
     quick = value("--preset", "default") == "quick"
     distill = "--distill" in args or ("--no-distill" not in args and not quick)
@@ -179,11 +184,7 @@ def calibration_size(command: str) -> str:
     if not command:
         return ""
     args = command.split()
-
-    def value(flag, default):
-        return args[args.index(flag) + 1] if flag in args else default
-
-    return f"{value('--calib-samples', '64')} x {value('--seq-len', '512')}"
+    return f"{_option(args, '--calib-samples', '64')} x {_option(args, '--seq-len', '512')}"
 
 
 def table(runs: dict) -> str:
