@@ -156,3 +156,46 @@ def test_distillation_tunes_the_projections_and_keeps_moe_experts_as_compressed(
     assert experts and linears
     assert all(m["distill_steps"] == 0 and m["distill_kept"] == 0.0 for m in experts)
     assert all(m["distill_steps"] == 2 for m in linears)
+
+
+def _distill_tensors_case(dense_target: bool):
+    """One TwoLinears layer stored as bf16 checkpoint tensors, with calibration inputs and dense
+    outputs: either another layer's (distillation helps) or the stored layer's own (it cannot)."""
+    from armor_vllm.format import decode_layer, encode_layer
+    from armor_vllm.offline.layer_walk import LayerInputs
+
+    layer = TwoLinears()
+    targets = [SimpleNamespace(name=n, module=n, kind="linear", checkpoint=f"layers.0.{n}") for n in ("up", "down")]
+    tensors = {}
+    for name, f in pruned_factors(layer).items():
+        tensors.update(encode_layer(f"layers.0.{name}", f, torch.bfloat16))
+    hidden = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    inputs = LayerInputs(hidden=hidden, calls=[[((), {}) for _ in hidden]], index=0)
+    stored = {f"{n}.weight": decode_layer(f"layers.0.{n}", tensors, 8).weight() for n in ("up", "down")}
+    with torch.no_grad():
+        source = layer if dense_target else (lambda h: torch.func.functional_call(layer, stored, (h,)))
+        dense = SimpleNamespace(hidden=[source(h)[0] for h in hidden])
+    metrics = [{"name": n} for n in ("up", "down")]
+    return layer, targets, tensors, inputs, dense, metrics
+
+
+@pytest.mark.parametrize("helps", [True, False])
+def test_distill_tensors_returns_what_it_stored_and_the_outputs_of_exactly_that(helps):
+    """The pipeline writes the returned tensors and feeds the returned outputs to the next layer: the
+    outputs must be those of the stored (bf16-rounded) tensors, and a distillation that does not
+    help must leave the given tensors untouched."""
+    from armor_vllm.format import decode_layer
+    from armor_vllm.offline.distill import distill_tensors
+
+    layer, targets, tensors, inputs, dense, metrics = _distill_tensors_case(dense_target=helps)
+    out, metrics, outputs = distill_tensors(layer, targets, tensors, metrics, inputs, dense, 8, torch.bfloat16,
+                                            DistillOptions(steps=20, lr=3e-3, max_seconds=None))
+    assert all(m["distill_kept"] == float(helps) for m in metrics)
+    if not helps:
+        assert all(out[k] is tensors[k] for k in tensors) and out.keys() == tensors.keys()
+    else:
+        assert out.keys() == tensors.keys() and any(not torch.equal(out[k], tensors[k]) for k in tensors)
+    weights = {f"{n}.weight": decode_layer(f"layers.0.{n}", out, 8).weight() for n in ("up", "down")}
+    with torch.no_grad():
+        for h, o in zip(inputs.hidden, outputs):
+            torch.testing.assert_close(o, torch.func.functional_call(layer, weights, (h,))[0], rtol=0, atol=0)

@@ -137,16 +137,12 @@ def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_s
     if not tunable:
         return tensors, [m | {"distill_steps": 0, "distill_kept": 0.0} for m in metrics], None
     by_name = {t.name: t for t in tunable}
-
-    def encoded(factors):
-        out = {}
-        for name, f in factors.items():
-            out.update(encode_layer(by_name[name].checkpoint, f, out_dtype, wrappers=True))
-        return out
+    tuned_tensors: dict[str, torch.Tensor] = {}
 
     def as_stored(factors):  # rounded to the checkpoint's dtype: what a resumed run reads back
-        stored = encoded(factors)
-        return {name: decode_layer(by_name[name].checkpoint, stored, block_size, True) for name in factors}
+        for name, f in factors.items():
+            tuned_tensors.update(encode_layer(by_name[name].checkpoint, f, out_dtype, wrappers=True))
+        return {name: decode_layer(by_name[name].checkpoint, tuned_tensors, block_size, True) for name in factors}
 
     factors = {t.name: decode_layer(t.checkpoint, tensors, block_size, True) for t in tunable}
     batches = [(h, *inputs.arguments(b)) for b, h in enumerate(inputs.hidden)]
@@ -154,5 +150,6 @@ def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_s
     info = result.info
     fixed = {"distill_steps": 0, "distill_kept": 0.0, "distill_mse_before": info["distill_mse_before"],
              "distill_mse_after": info["distill_mse_after"]}
-    return ({**tensors, **encoded(result.factors)}, [m | (info if m["name"] in by_name else fixed) for m in metrics],
-            result.outputs)
+    # kept: the tensors encoded once, in as_stored; not kept: the given tensors, untouched
+    out = {**tensors, **tuned_tensors} if info["distill_kept"] else tensors
+    return out, [m | (info if m["name"] in by_name else fixed) for m in metrics], result.outputs
