@@ -5,7 +5,7 @@ entry point in every process, and the CUDA kernels must import on machines witho
 dependencies. What it does on import: arrange that the ``armor`` quantizer is registered with
 transformers as soon as transformers' model loading code is imported (at once if it already is), so
 ``AutoModelForCausalLM.from_pretrained(armor_dir)`` works after ``import armor_vllm``
-(``armor_vllm.hf_quantizer``). ``armor_vllm.compress`` is the Python API of the offline pass.
+(``armor_vllm.hf.quantizer``). ``armor_vllm.compress`` is the Python API of the offline pass.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ def _register_with_transformers() -> None:
     try:
         # Importing the module registers (at its end; if it is being imported right now, that import
         # registers when it finishes).
-        importlib.import_module("armor_vllm.hf_quantizer")
+        importlib.import_module("armor_vllm.hf.quantizer")
     except Exception as exc:  # never break the importer; ARMOR checkpoints then fail loudly (the guard)
-        warnings.warn(f"armor_vllm: could not register the 'armor' quantizer with transformers: {exc!r}",
-                      stacklevel=2)
+        warnings.warn(f"armor_vllm: could not register the 'armor' quantizer with transformers: {exc!r}", stacklevel=2)
 
 
 class _LoaderThenRegister(importlib.abc.Loader):

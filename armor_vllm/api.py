@@ -22,14 +22,44 @@ from typing import Any
 
 # Options a recipe file (and compress) may set. Those in METHOD_OPTION_KEYS go to the method.
 RECIPE_KEYS = {
-    "model", "method", "block_size", "calib_samples", "seq_len", "calib_data", "order", "seed",
-    "ignore", "preset", "iterations", "lr", "objective", "init", "device", "distill", "distill_steps",
-    "distill_max_seconds", "distill_lr", "distill_target", "output_target",
+    "model",
+    "method",
+    "block_size",
+    "calib_samples",
+    "seq_len",
+    "calib_data",
+    "order",
+    "seed",
+    "ignore",
+    "preset",
+    "iterations",
+    "lr",
+    "objective",
+    "init",
+    "device",
+    "distill",
+    "distill_steps",
+    "distill_max_seconds",
+    "distill_lr",
+    "distill_target",
+    "output_target",
     "output_target_mix",
 }
-METHOD_OPTION_KEYS = ("preset", "iterations", "lr", "objective", "init", "device", "distill", "distill_steps",
-                      "distill_max_seconds", "distill_lr", "distill_target", "output_target",
-                      "output_target_mix")
+METHOD_OPTION_KEYS = (
+    "preset",
+    "iterations",
+    "lr",
+    "objective",
+    "init",
+    "device",
+    "distill",
+    "distill_steps",
+    "distill_max_seconds",
+    "distill_lr",
+    "distill_target",
+    "output_target",
+    "output_target_mix",
+)
 # How and where the run happens rather than what it computes (never in a recipe).
 RUN_KEYS = ("overwrite", "workers", "ray_address")
 
@@ -54,8 +84,13 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
-def offline_options(model: str | Path | None, output: str | Path, method: str | None = None,
-                    recipe: str | Path | None = None, **options: Any):
+def offline_options(
+    model: str | Path | None,
+    output: str | Path,
+    method: str | None = None,
+    recipe: str | Path | None = None,
+    **options: Any,
+):
     """The ``OfflineOptions`` of a run: the recipe's values, overridden by ``model``, ``method``
     and ``options`` that are not None; unknown option names are an error."""
     from armor_vllm.offline.pipeline import OfflineOptions
@@ -70,14 +105,18 @@ def offline_options(model: str | Path | None, output: str | Path, method: str | 
     run = {k: values.pop(k) for k in RUN_KEYS if k in values}
     method_options = {k: values.pop(k) for k in METHOD_OPTION_KEYS if values.get(k) is not None}
     values = {k: v for k, v in values.items() if v is not None}
-    return OfflineOptions(output=str(output), method_options=method_options, **run,
-                          **{"model": values.pop("model", None) or "default", **values})
+    return OfflineOptions(
+        output=str(output),
+        method_options=method_options,
+        **run,
+        **{"model": values.pop("model", None) or "default", **values},
+    )
 
 
 def _save_loaded_model(model, tokenizer, directory: Path) -> None:
     """Write a loaded transformers model (and its tokenizer) as a safetensors directory the
     offline pass can stream."""
-    from armor_vllm.checkpoint import copy_side_files
+    from armor_vllm.core.checkpoint import copy_side_files
 
     if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
         raise ValueError(f"compress: the model is already quantized ({type(model).__name__}); pass a dense model")
@@ -85,8 +124,10 @@ def _save_loaded_model(model, tokenizer, directory: Path) -> None:
     if tokenizer is None:
         source = Path(str(getattr(model.config, "_name_or_path", "") or ""))
         if not (source / "tokenizer_config.json").is_file():
-            raise ValueError("compress: pass tokenizer= (a tokenizer or its directory) with a loaded model; its "
-                             f"name_or_path {str(source)!r} is not a local directory with a tokenizer")
+            raise ValueError(
+                "compress: pass tokenizer= (a tokenizer or its directory) with a loaded model; its "
+                f"name_or_path {str(source)!r} is not a local directory with a tokenizer"
+            )
         copy_side_files(source, directory)
     elif isinstance(tokenizer, (str, Path)):
         copy_side_files(Path(tokenizer), directory)
@@ -94,8 +135,15 @@ def _save_loaded_model(model, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def compress(model=None, output: str | Path | None = None, method: str | None = None,
-             recipe: str | Path | None = None, *, tokenizer=None, **options: Any) -> dict:
+def compress(
+    model=None,
+    output: str | Path | None = None,
+    method: str | None = None,
+    recipe: str | Path | None = None,
+    *,
+    tokenizer=None,
+    **options: Any,
+) -> dict:
     """Compress ``model`` into an ARMOR (or plain 2:4) checkpoint at ``output`` and return the
     run's summary (also in ``output/armor_report.json``).
 

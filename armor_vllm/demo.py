@@ -19,13 +19,17 @@ QUESTION = "What is the capital of France?"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m armor_vllm.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m armor_vllm.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output", default="out/smollm2-armor", help="where the compressed checkpoint goes")
     p.add_argument("--preset", default="default", help="ARMOR preset (quick, default, paper)")
     p.add_argument("--method", default="armor")
-    p.add_argument("--block-size", default="auto",
-                   help="ARMOR wrapper block size (default auto: 64 on this model, the best measured quality; BENCHMARKS.md, section 1)")
+    p.add_argument(
+        "--block-size",
+        default="auto",
+        help="ARMOR wrapper block size (default auto: 64 on this model, the best measured quality; BENCHMARKS.md, section 1)",  # noqa: E501
+    )
     args = p.parse_args(argv)
 
     out = Path(args.output)

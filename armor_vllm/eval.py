@@ -3,7 +3,7 @@ transformers (``from_pretrained`` with armor_vllm's quantizer: ``A (S (B x))``) 
 plugin (prompt logprobs), plus a short greedy generation so a person can see the text is still sane.
 
 The built-in evaluation text is the evaluation split of ``pydoc_data.topics`` (disjoint from the
-calibration split, see ``armor_vllm.calibration``), cut into non-overlapping windows of ``--seq-len``
+calibration split, see ``armor_vllm.offline.calibration``), cut into non-overlapping windows of ``--seq-len``
 tokens. ``--data`` adds more texts, each reported on its own: ``.txt``/``.jsonl`` files or the names
 of packaged texts (``fortunes``, ``devil``: held-out English that the default calibration never
 sees); their windows are spread evenly over the text, at most ``--data-windows`` of them.
@@ -33,7 +33,7 @@ def data_windows(model_dir: Path, data: str, seq_len: int, max_windows: int = DA
     shorter than ``max_windows`` windows gives as many as it holds."""
     from transformers import AutoTokenizer
 
-    from armor_vllm.calibration import load_texts, spread_windows, token_stream
+    from armor_vllm.offline.calibration import load_texts, spread_windows, token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream(tokenizer, load_texts([data]))
@@ -51,7 +51,7 @@ def data_name(data: str) -> str:
 def eval_windows(model_dir: Path, seq_len: int, max_windows: int | None) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from armor_vllm.calibration import default_texts, token_stream
+    from armor_vllm.offline.calibration import default_texts, token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream(tokenizer, default_texts("evaluation"))
@@ -67,7 +67,7 @@ def eval_windows(model_dir: Path, seq_len: int, max_windows: int | None) -> torc
 def hf_nll(model_dir: Path, windows: torch.Tensor, model=None) -> tuple[float, int]:
     """Summed negative log-likelihood (and token count) of every window but its first token
     (``model``: ``model_dir`` already loaded in transformers)."""
-    from armor_vllm.hf_quantizer import load_model
+    from armor_vllm.hf.quantizer import load_model
 
     if model is None:
         model = load_model(model_dir, dtype=torch.float32)
@@ -80,8 +80,7 @@ def hf_nll(model_dir: Path, windows: torch.Tensor, model=None) -> tuple[float, i
     return total, count
 
 
-def make_llm(model_dir: Path, dtype: str = "bfloat16", max_model_len: int = 1024, enforce_eager: bool = True,
-             **kwargs):
+def make_llm(model_dir: Path, dtype: str = "bfloat16", max_model_len: int = 1024, enforce_eager: bool = True, **kwargs):
     """A vLLM engine for ``model_dir`` sized for this 2-core CPU machine (the plugin is picked up
     from the checkpoint's ``quant_method: armor``). ``enforce_eager=False`` is vLLM's default
     compiled mode (``torch.compile``; on CPU it adds a compile at start-up, see BENCHMARKS.md)."""
@@ -120,32 +119,50 @@ def vllm_samples(llm, max_tokens: int = 24) -> dict[str, str]:
     return {p: o.outputs[0].text for p, o in zip(SAMPLE_PROMPTS, outs)}
 
 
-def evaluate(model_dir: Path, backends: list[str], seq_len: int, max_windows: int | None, dtype: str,
-             data: list[str] = (), data_max_windows: int = DATA_WINDOWS) -> dict:
+def evaluate(
+    model_dir: Path,
+    backends: list[str],
+    seq_len: int,
+    max_windows: int | None,
+    dtype: str,
+    data: list[str] = (),
+    data_max_windows: int = DATA_WINDOWS,
+) -> dict:
     """Perplexity on the built-in split (top-level ``hf``/``vllm``, as before) and on every
     ``data`` text; ``texts`` holds all of them by name (``builtin`` first)."""
     texts = {"builtin": eval_windows(model_dir, seq_len, max_windows)}
     for item in data:
         texts[data_name(item)] = data_windows(model_dir, item, seq_len, data_max_windows)
-    result: dict = {"model": str(model_dir), "seq_len": seq_len, "windows": int(texts["builtin"].shape[0]),
-                    "texts": {name: {"windows": int(w.shape[0])} for name, w in texts.items()}}
+    result: dict = {
+        "model": str(model_dir),
+        "seq_len": seq_len,
+        "windows": int(texts["builtin"].shape[0]),
+        "texts": {name: {"windows": int(w.shape[0])} for name, w in texts.items()},
+    }
     if "hf" in backends:
-        from armor_vllm.hf_quantizer import load_model
+        from armor_vllm.hf.quantizer import load_model
 
         model = load_model(model_dir, dtype=torch.float32)
         for name, windows in texts.items():
             t = time.perf_counter()
             nll, n = hf_nll(model_dir, windows, model)
-            result["texts"][name]["hf"] = {"perplexity": math.exp(nll / n), "tokens": n,
-                                           "seconds": time.perf_counter() - t}
+            result["texts"][name]["hf"] = {
+                "perplexity": math.exp(nll / n),
+                "tokens": n,
+                "seconds": time.perf_counter() - t,
+            }
         del model
     if "vllm" in backends:
         llm = make_llm(model_dir, dtype=dtype, max_model_len=max(seq_len + 8, 256))
         for name, windows in texts.items():
             t = time.perf_counter()
             nll, n = vllm_nll(llm, windows)
-            result["texts"][name]["vllm"] = {"perplexity": math.exp(nll / n), "tokens": n, "dtype": dtype,
-                                             "seconds": time.perf_counter() - t}
+            result["texts"][name]["vllm"] = {
+                "perplexity": math.exp(nll / n),
+                "tokens": n,
+                "dtype": dtype,
+                "seconds": time.perf_counter() - t,
+            }
         result["texts"]["builtin"]["vllm"]["samples"] = vllm_samples(llm)
     for entry in result["texts"].values():
         if "hf" in entry and "vllm" in entry:
@@ -158,23 +175,36 @@ def evaluate(model_dir: Path, backends: list[str], seq_len: int, max_windows: in
 def main(argv: list[str] | None = None) -> int:
     from armor_vllm.models import resolve_model
 
-    p = argparse.ArgumentParser(prog="python -m armor_vllm.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m armor_vllm.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="model directory (default: the embedded dense model)")
     p.add_argument("--backend", choices=["hf", "vllm", "both"], default="both")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (transformers runs float32)")
-    p.add_argument("--data", nargs="+", default=[], metavar="FILE|NAME",
-                   help="more texts beside the built-in split: .txt/.jsonl files or packaged texts "
-                        "(fortunes, devil; see armor_vllm.calibration)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FILE|NAME",
+        help="more texts beside the built-in split: .txt/.jsonl files or packaged texts "
+        "(fortunes, devil; see armor_vllm.offline.calibration)",
+    )
     p.add_argument("--data-windows", type=int, default=DATA_WINDOWS, help="windows per --data text")
     p.add_argument("--out", help="write the result as JSON here")
     args = p.parse_args(argv)
     backends = ["hf", "vllm"] if args.backend == "both" else [args.backend]
     try:
-        result = evaluate(resolve_model(args.model), backends, args.seq_len, args.max_windows, args.dtype,
-                          args.data, args.data_windows)
+        result = evaluate(
+            resolve_model(args.model),
+            backends,
+            args.seq_len,
+            args.max_windows,
+            args.dtype,
+            args.data,
+            args.data_windows,
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import sys
 
 
 def main() -> None:
-    import armor_vllm.hf_quantizer  # noqa: F401  (registers quant_method "armor" with transformers)
+    import armor_vllm.hf.quantizer  # noqa: F401  (registers quant_method "armor" with transformers)
 
     try:
         from lm_eval.__main__ import cli_evaluate

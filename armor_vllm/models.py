@@ -70,9 +70,7 @@ def materialize_default_model(target: Path) -> Path:
     try:
         print(f"materialising {DEFAULT_MODEL_NAME} from {source} into {target}", file=sys.stderr)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.parent, gguf_file=source.name, dtype=torch.bfloat16
-        )
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.bfloat16)
         # The weights are now ordinary bf16 tensors: the GGUF quantization no longer applies.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

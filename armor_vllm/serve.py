@@ -53,9 +53,17 @@ def vllm_command() -> list[str]:
 class VllmServer:
     """``with VllmServer(model_dir) as server: server.base_url`` ... ; the log goes to ``log_path``."""
 
-    def __init__(self, model_dir: str | Path, port: int | None = None, extra_args: tuple[str, ...] | None = None,
-                 log_path: str | Path | None = None, startup_timeout: float = 600.0, env: dict | None = None,
-                 served_name: str = "armor", quantization: str | None = "armor"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        port: int | None = None,
+        extra_args: tuple[str, ...] | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 600.0,
+        env: dict | None = None,
+        served_name: str = "armor",
+        quantization: str | None = "armor",
+    ):
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.extra_args = list(cpu_default_args() if extra_args is None else extra_args)
@@ -74,18 +82,32 @@ class VllmServer:
     @property
     def command(self) -> list[str]:
         quant = ["--quantization", self.quantization] if self.quantization else []
-        return [*vllm_command(), "serve", self.model_dir, *quant, "--host", HOST,
-                "--port", str(self.port), "--served-model-name", self.served_name, *self.extra_args]
+        return [
+            *vllm_command(),
+            "serve",
+            self.model_dir,
+            *quant,
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--served-model-name",
+            self.served_name,
+            *self.extra_args,
+        ]
 
     def start(self) -> "VllmServer":
         self._log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode} before it was healthy"
-                                   + (f"; see {self.log_path}" if self.log_path else ""))
+                raise RuntimeError(
+                    f"vllm serve exited with code {self.proc.returncode} before it was healthy"
+                    + (f"; see {self.log_path}" if self.log_path else "")
+                )
             try:
                 with urllib.request.urlopen(f"http://{HOST}:{self.port}/health", timeout=2) as r:
                     if r.status == 200:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from armor_vllm.factorization import identity_blocks, mask_from_scores  # noqa: E402
+from armor_vllm.core.factorization import identity_blocks, mask_from_scores  # noqa: E402
 from armor_vllm.kernels import FactoredKernel  # noqa: E402
 from armor_vllm.kernels import backends as kb  # noqa: E402
 from armor_vllm.kernels.base import ArmorShards  # noqa: E402
@@ -85,9 +85,11 @@ class Timer:
                     fn()
             run, mode = graph.replay, "graph"
         else:
+
             def run():
                 for _ in range(self.inner):
                     fn()
+
             mode = "eager"
         times = []
         for _ in range(self.reps):
@@ -208,8 +210,12 @@ def bench(args, device, errors) -> dict:
                 methods = build_methods(outs, d_in, dtype, device, args.block_size, errors, gen)
                 per_layer[layer] = methods
                 result["linears"] += time_all(
-                    methods, lambda t, d=d_in: torch.randn(t, d, device=device, dtype=dtype),
-                    args.tokens, timer, errors, f"{model}/{dtype_name}/{layer}",
+                    methods,
+                    lambda t, d=d_in: torch.randn(t, d, device=device, dtype=dtype),
+                    args.tokens,
+                    timer,
+                    errors,
+                    f"{model}/{dtype_name}/{layer}",
                 )
             hidden, inter = MODELS[model]["hidden"], MODELS[model]["inter"]
             q_rows = MODELS[model]["qkv"][0]
@@ -223,8 +229,12 @@ def bench(args, device, errors) -> dict:
 
             blocks = {m: (lambda x, m=m: block(m, x)) for m in common}
             result["blocks"] += time_all(
-                blocks, lambda t: torch.randn(t, hidden, device=device, dtype=dtype),
-                args.tokens, timer, errors, f"{model}/{dtype_name}/block",
+                blocks,
+                lambda t: torch.randn(t, hidden, device=device, dtype=dtype),
+                args.tokens,
+                timer,
+                errors,
+                f"{model}/{dtype_name}/block",
             )
             del blocks
             if device.type == "cuda":
@@ -259,13 +269,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.smoke:
-        from armor_vllm.kernels import standin
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        import standin  # tests/standin.py: the CPU stand-ins of the raw 2:4 ops
 
         standin.install()
         device = torch.device("cpu")
         args.models, args.tokens, args.dtypes, args.block_size, args.reps = ["smoke"], [1, 9], ["fp16"], 32, 2
     elif not torch.cuda.is_available():
-        print("cuda_linear.py: no CUDA device (torch.cuda.is_available() is False); nothing to measure.", file=sys.stderr)
+        print(
+            "cuda_linear.py: no CUDA device (torch.cuda.is_available() is False); nothing to measure.", file=sys.stderr
+        )
         return 2
     else:
         device = torch.device("cuda")
@@ -275,12 +288,20 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (stand-in smoke run)",
         "capability": list(torch.cuda.get_device_capability()) if device.type == "cuda" else None,
         "torch": torch.__version__,
-        "sparse_backends": {d: kb.usable_sparse_backends(device, {"fp16": torch.float16, "bf16": torch.bfloat16}[d]) for d in args.dtypes},
+        "sparse_backends": {
+            d: kb.usable_sparse_backends(device, {"fp16": torch.float16, "bf16": torch.bfloat16}[d])
+            for d in args.dtypes
+        },
         "triton": triton_supported(args.block_size, device),
         "tokens": args.tokens,
         "block_size": args.block_size,
-        "timing": {"warmup": args.warmup, "reps": args.reps, "inner": args.inner, "graph_max": args.graph_max,
-                   "stat": "median ms per call; CUDA-graph replays up to graph_max tokens"},
+        "timing": {
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "inner": args.inner,
+            "graph_max": args.graph_max,
+            "stat": "median ms per call; CUDA-graph replays up to graph_max tokens",
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     print(f"# ARMOR linears on {info['device']} (torch {info['torch']})\n")

@@ -23,7 +23,9 @@ import torch
 
 def output_error(w_hat: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> float:
     e = (w_hat - w).double()
-    return float(torch.einsum("ij,jk,ik->", e, hessian, e) / torch.einsum("ij,jk,ik->", w.double(), hessian, w.double()))
+    return float(
+        torch.einsum("ij,jk,ik->", e, hessian, e) / torch.einsum("ij,jk,ik->", w.double(), hessian, w.double())
+    )
 
 
 def main() -> None:
@@ -40,10 +42,10 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from armor_vllm.calibration import mixed_samples
-    from armor_vllm.factorization import reconstruct
+    from armor_vllm.core.factorization import reconstruct
     from armor_vllm.models import resolve_model
     from armor_vllm.offline import targets as targets_mod
+    from armor_vllm.offline.calibration import mixed_samples
     from armor_vllm.offline.layer_walk import capture_layer_inputs, collect_layer_stats, run_layer
     from armor_vllm.offline.methods import get_method
     from armor_vllm.offline.objective import relative_proxy_loss
@@ -76,15 +78,25 @@ def main() -> None:
                         t0 = time.perf_counter()
                         results = method.compress(problem, stats)
                         seconds = time.perf_counter() - t0
-                        w_hat = torch.cat([
-                            reconstruct(r.layer.wrapper_out, r.layer.core, r.layer.wrapper_in) for r in results.values()
-                        ])
-                        wrappers = sum(r.layer.wrapper_out.numel() + r.layer.wrapper_in.numel() for r in results.values())
+                        w_hat = torch.cat(
+                            [
+                                reconstruct(r.layer.wrapper_out, r.layer.core, r.layer.wrapper_in)
+                                for r in results.values()
+                            ]
+                        )
+                        wrappers = sum(
+                            r.layer.wrapper_out.numel() + r.layer.wrapper_in.numel() for r in results.values()
+                        )
                         row = {
-                            "layer": index, "matrix": fused_name, "shape": list(fused_w.shape), "method": method_name,
-                            "variant": variant, "proxy_loss": relative_proxy_loss(w_hat, fused_w, h),
+                            "layer": index,
+                            "matrix": fused_name,
+                            "shape": list(fused_w.shape),
+                            "method": method_name,
+                            "variant": variant,
+                            "proxy_loss": relative_proxy_loss(w_hat, fused_w, h),
                             "output_error": output_error(w_hat, fused_w, hessian),
-                            "wrapper_numbers": wrappers, "seconds": round(seconds, 2),
+                            "wrapper_numbers": wrappers,
+                            "seconds": round(seconds, 2),
                         }
                         rows.append(row)
                         print(json.dumps(row), flush=True)
@@ -94,9 +106,15 @@ def main() -> None:
     for method_name in args.methods:
         for fused_name in fusions:
             for variant in ("one", "parts"):
-                sel = [r for r in rows if r["method"] == method_name and r["matrix"] == fused_name and r["variant"] == variant]
-                print(f"{method_name:7s} {fused_name:8s} {variant:6s} {sum(r['proxy_loss'] for r in sel) / len(sel):.5f} "
-                      f"{sum(r['output_error'] for r in sel) / len(sel):.5f} {sel[0]['wrapper_numbers']}")
+                sel = [
+                    r
+                    for r in rows
+                    if r["method"] == method_name and r["matrix"] == fused_name and r["variant"] == variant
+                ]
+                print(
+                    f"{method_name:7s} {fused_name:8s} {variant:6s} {sum(r['proxy_loss'] for r in sel) / len(sel):.5f} "
+                    f"{sum(r['output_error'] for r in sel) / len(sel):.5f} {sel[0]['wrapper_numbers']}"
+                )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

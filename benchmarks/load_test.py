@@ -70,27 +70,44 @@ async def one_request(client, name: str, index: int, max_tokens: int, timeout: f
     t0 = time.perf_counter()
     try:
         if kind_of(index) == "chat":
-            r = await asyncio.wait_for(client.chat.completions.create(
-                model=name, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                temperature=0.0, seed=0), timeout)
+            r = await asyncio.wait_for(
+                client.chat.completions.create(
+                    model=name,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    seed=0,
+                ),
+                timeout,
+            )
             text = r.choices[0].message.content
         else:
-            r = await asyncio.wait_for(client.completions.create(
-                model=name, prompt=prompt, max_tokens=max_tokens, temperature=0.0, seed=0), timeout)
+            r = await asyncio.wait_for(
+                client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0.0, seed=0),
+                timeout,
+            )
             text = r.choices[0].text
-        return {"index": index, "text": text, "tokens": r.usage.completion_tokens,
-                "latency_s": time.perf_counter() - t0, "finish": r.choices[0].finish_reason}
+        return {
+            "index": index,
+            "text": text,
+            "tokens": r.usage.completion_tokens,
+            "latency_s": time.perf_counter() - t0,
+            "finish": r.choices[0].finish_reason,
+        }
     except Exception as e:  # noqa: BLE001 - every failure is counted and reported, never raised
         return {"index": index, "error": f"{type(e).__name__}: {e}"[:300], "latency_s": time.perf_counter() - t0}
 
 
-async def drive(base_url: str, name: str, n_prompts: int, n_requests: int, concurrency: int,
-                max_tokens: int, deadline: float) -> dict:
+async def drive(
+    base_url: str, name: str, n_prompts: int, n_requests: int, concurrency: int, max_tokens: int, deadline: float
+) -> dict:
     """The two phases against a running server; stops at ``deadline`` (time.monotonic())."""
     from openai import AsyncOpenAI
 
     assert base_url.startswith(f"http://{HOST}:"), base_url  # loopback only
-    client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=max(1.0, deadline - time.monotonic()))
+    client = AsyncOpenAI(
+        base_url=base_url, api_key="unused", max_retries=0, timeout=max(1.0, deadline - time.monotonic())
+    )
     out: dict = {"timed_out": False}
     try:
         # Phase 1: one request at a time, the reference answers.
@@ -106,7 +123,9 @@ async def drive(base_url: str, name: str, n_prompts: int, n_requests: int, concu
         seq_ok = [r for r in sequential if "error" not in r]
         ref = {r["index"]: r["text"] for r in seq_ok}
         out["sequential"] = {
-            "requests": len(sequential), "answered": len(seq_ok), "wall_s": seq_wall,
+            "requests": len(sequential),
+            "answered": len(seq_ok),
+            "wall_s": seq_wall,
             "latency_p50_s": percentile([r["latency_s"] for r in seq_ok], 50),
             "output_tokens_per_s": sum(r["tokens"] for r in seq_ok) / seq_wall if seq_wall else None,
             "errors": [r["error"] for r in sequential if "error" in r][:5],
@@ -132,20 +151,31 @@ async def drive(base_url: str, name: str, n_prompts: int, n_requests: int, concu
         out["timed_out"] = time.monotonic() >= deadline
         lat = [r["latency_s"] for r in ok]
         out["concurrent"] = {
-            "requests": n_requests, "concurrency": concurrency, "answered": len(ok),
-            "failed": n_requests - len(ok), "errors": [r["error"] for r in results if "error" in r][:5],
+            "requests": n_requests,
+            "concurrency": concurrency,
+            "answered": len(ok),
+            "failed": n_requests - len(ok),
+            "errors": [r["error"] for r in results if "error" in r][:5],
             "chat": sum(kind_of(r["index"]) == "chat" for r in results),
             "completion": sum(kind_of(r["index"]) == "completion" for r in results),
             "wall_s": wall,
             "requests_per_s": len(ok) / wall,
             "output_tokens": sum(r["tokens"] for r in ok),
             "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
-            "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
+            "latency_p50_s": percentile(lat, 50),
+            "latency_p99_s": percentile(lat, 99),
             "latency_max_s": max(lat) if lat else None,
             "mismatches_vs_sequential": len(mismatched),
             "prompts_with_differing_repeats": sum(len(v) > 1 for v in by_prompt.values()),
-            "mismatch_examples": [{"prompt": r["index"], "kind": kind_of(r["index"]), "sequential": ref[r["index"]],
-                                   "concurrent": r["text"]} for r in mismatched[:3]],
+            "mismatch_examples": [
+                {
+                    "prompt": r["index"],
+                    "kind": kind_of(r["index"]),
+                    "sequential": ref[r["index"]],
+                    "concurrent": r["text"],
+                }
+                for r in mismatched[:3]
+            ],
         }
         return out
     finally:
@@ -162,8 +192,13 @@ def run_model(label: str, model_dir: str, quantized: bool, args, deadline: float
     left = deadline - time.monotonic()
     if left <= 5:
         return {"model": model_dir, "timed_out": True, "error": "no time left before start"}
-    server = VllmServer(model_dir, extra_args=server_args, log_path=log, startup_timeout=left,
-                        quantization="armor" if quantized else None)
+    server = VllmServer(
+        model_dir,
+        extra_args=server_args,
+        log_path=log,
+        startup_timeout=left,
+        quantization="armor" if quantized else None,
+    )
     result: dict = {"model": model_dir, "command": " ".join(server.command), "log": str(log)}
     print(f"[{label}] $ {result['command']}", flush=True)
     t0 = time.monotonic()
@@ -171,8 +206,19 @@ def run_model(label: str, model_dir: str, quantized: bool, args, deadline: float
         with server:
             result["startup_s"] = time.monotonic() - t0
             print(f"[{label}] healthy after {result['startup_s']:.0f} s", flush=True)
-            result.update(asyncio.run(drive(server.base_url, server.served_name, args.prompts, args.requests,
-                                            args.concurrency, args.max_tokens, deadline)))
+            result.update(
+                asyncio.run(
+                    drive(
+                        server.base_url,
+                        server.served_name,
+                        args.prompts,
+                        args.requests,
+                        args.concurrency,
+                        args.max_tokens,
+                        deadline,
+                    )
+                )
+            )
     except (RuntimeError, TimeoutError) as e:
         result["error"] = str(e)
         result["timed_out"] = time.monotonic() >= deadline
@@ -194,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight at once (default: all)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--dtype", default=None, help="vllm serve --dtype (e.g. float32); default: the model's")
-    p.add_argument("--server-args", default=None,
-                   help=f"vllm serve arguments replacing the CPU defaults {' '.join(cpu_default_args())!r}")
+    p.add_argument(
+        "--server-args",
+        default=None,
+        help=f"vllm serve arguments replacing the CPU defaults {' '.join(cpu_default_args())!r}",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="global deadline in seconds, all runs included")
     p.add_argument("--log-dir", default="out/load_test", help="where the server logs go")
     p.add_argument("--out", default="benchmarks/results/load_test.json")
@@ -215,11 +264,20 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
-        "settings": {"prompts": args.prompts, "requests": args.requests, "concurrency": args.concurrency,
-                     "max_tokens": args.max_tokens, "dtype": args.dtype or "model default", "timeout_s": args.timeout},
+        "settings": {
+            "prompts": args.prompts,
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "dtype": args.dtype or "model default",
+            "timeout_s": args.timeout,
+        },
         "runs": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -227,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in runs.items():
         c = r.get("concurrent")
         if c:
-            print(f"[{label}] {c['answered']}/{c['requests']} answered, {c['mismatches_vs_sequential']} differ from "
-                  f"sequential; {c['requests_per_s']:.2f} req/s, {c['output_tokens_per_s']:.1f} output tok/s, "
-                  f"p50 {c['latency_p50_s']:.2f} s, p99 {c['latency_p99_s']:.2f} s")
+            print(
+                f"[{label}] {c['answered']}/{c['requests']} answered, {c['mismatches_vs_sequential']} differ from "
+                f"sequential; {c['requests_per_s']:.2f} req/s, {c['output_tokens_per_s']:.1f} output tok/s, "
+                f"p50 {c['latency_p50_s']:.2f} s, p99 {c['latency_p99_s']:.2f} s"
+            )
         else:
             print(f"[{label}] no concurrent phase: {r.get('error') or 'timed out'}")
     print(f"wrote {args.out}")

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from armor_vllm.offline.methods.armor import PRESETS, ArmorProblem, optimise
+from armor_vllm.offline.methods.armor import PRESETS
+from armor_vllm.offline.methods.armor.diag import ArmorProblem, optimise
 from armor_vllm.offline.methods.base import InputStats
 from armor_vllm.offline.methods.nowag import NoWag
 from armor_vllm.offline.methods.sparsegpt import SparseGPT
@@ -65,11 +66,18 @@ def collect_group_stats(model, layer_index: int, sequences: int, tokens: int, to
     def hook(group):
         def run(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            s = stats.setdefault(group, InputStats(torch.zeros(x.shape[1], dtype=torch.float64), 0,
-                                                   torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)))
+            s = stats.setdefault(
+                group,
+                InputStats(
+                    torch.zeros(x.shape[1], dtype=torch.float64),
+                    0,
+                    torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64),
+                ),
+            )
             s.sq += x.square().sum(0)
             s.xtx += x.T @ x
             s.n_tokens += x.shape[0]
+
         return run
 
     class StopAfterLayer(Exception):
@@ -89,8 +97,9 @@ def collect_group_stats(model, layer_index: int, sequences: int, tokens: int, to
     finally:
         for h in handles:
             h.remove()
-    weights = {g: {n: layer.get_submodule(n).weight.detach().float().clone() for n in names}
-               for g, names in GROUPS.items()}
+    weights = {
+        g: {n: layer.get_submodule(n).weight.detach().float().clone() for n in names} for g, names in GROUPS.items()
+    }
     return stats, weights
 
 
@@ -101,12 +110,14 @@ def baseline_losses(weights: dict, stats: InputStats) -> dict:
         results = method.compress(weights, stats)
         seconds = time.perf_counter() - t
         if method.name == "wanda":  # Wanda reports no loss; measure it the same way
-            from armor_vllm.factorization import reconstruct
+            from armor_vllm.core.factorization import reconstruct
             from armor_vllm.offline.objective import relative_proxy_loss
 
             h = stats.channel_importance()
-            losses = [relative_proxy_loss(reconstruct(r.layer.wrapper_out, r.layer.core, r.layer.wrapper_in),
-                                          weights[n], h) for n, r in results.items()]
+            losses = [
+                relative_proxy_loss(reconstruct(r.layer.wrapper_out, r.layer.core, r.layer.wrapper_in), weights[n], h)
+                for n, r in results.items()
+            ]
         else:
             losses = [r.metrics["loss_end"] for r in results.values()]
         out[method.name] = {"losses": losses, "seconds": seconds}
@@ -128,8 +139,12 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--reference-seconds", type=float, default=25.0,
-                        help="wall time given to the reference schedule per group (then extrapolated)")
+    parser.add_argument(
+        "--reference-seconds",
+        type=float,
+        default=25.0,
+        help="wall time given to the reference schedule per group (then extrapolated)",
+    )
     parser.add_argument("--groups", default=",".join(GROUPS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "optimizer_speed"))
@@ -150,8 +165,10 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "load_average_at_start": os.getloadavg()[0],  # the CPU is shared: timings are only as clean as this
-        "layer": args.layer, "block_size": args.block_size,
-        "calibration_tokens": args.sequences * args.tokens, "groups": {},
+        "layer": args.layer,
+        "block_size": args.block_size,
+        "calibration_tokens": args.sequences * args.tokens,
+        "groups": {},
     }
     for group in args.groups.split(","):
         w, s = weights[group], stats[group]
@@ -162,8 +179,9 @@ def main() -> None:
         # gives the cost of the full schedule.
         ref_run = run_schedule(w, s, replace(PRESETS["paper"], max_seconds=args.reference_seconds), args.block_size)
         iters = ref_run["iterations"] = ref_run.pop("iterations_run")
-        ref_run.update(seconds_per_iteration=ref_run["seconds"] / iters,
-                       seconds_for_3000=3000 * ref_run["seconds"] / iters)
+        ref_run.update(
+            seconds_per_iteration=ref_run["seconds"] / iters, seconds_for_3000=3000 * ref_run["seconds"] / iters
+        )
         entry["reference"] = ref_run
         report["groups"][group] = entry
         print_group(group, entry)
@@ -191,8 +209,10 @@ def print_group(group: str, entry: dict) -> None:
     for name, (loss, seconds) in summary(entry).items():
         print(f"  {name:15s} loss {loss:.5f}  {seconds:7.2f} s")
     ref = entry["reference"]
-    print(f"  reference: {ref['iterations']} iterations, {ref['seconds_per_iteration'] * 1e3:.1f} ms each, "
-          f"3000 would take {ref['seconds_for_3000']:.0f} s")
+    print(
+        f"  reference: {ref['iterations']} iterations, {ref['seconds_per_iteration'] * 1e3:.1f} ms each, "
+        f"3000 would take {ref['seconds_for_3000']:.0f} s"
+    )
 
 
 def plot(report: dict, path: str) -> None:

@@ -42,29 +42,112 @@ RUNS = {
     "wanda": ["--method", "wanda"],
     "sparsegpt": ["--method", "sparsegpt"],
     "nowag": ["--method", "nowag"],
-    "armor-diag-nowag": ["--method", "armor", "--objective", "diag", "--init", "nowag", "--preset", "default",
-                         "--block-size", "32", *_PLAIN],
-    "armor-diag-nowag-quick": ["--method", "armor", "--objective", "diag", "--init", "nowag", "--preset", "quick",
-                               "--block-size", "32", *_PLAIN],
+    "armor-diag-nowag": [
+        "--method",
+        "armor",
+        "--objective",
+        "diag",
+        "--init",
+        "nowag",
+        "--preset",
+        "default",
+        "--block-size",
+        "32",
+        *_PLAIN,
+    ],
+    "armor-diag-nowag-quick": [
+        "--method",
+        "armor",
+        "--objective",
+        "diag",
+        "--init",
+        "nowag",
+        "--preset",
+        "quick",
+        "--block-size",
+        "32",
+        *_PLAIN,
+    ],
     "armor-full-sgpt": [*_FULL, "--block-size", "32", *_PLAIN],
     "armor-full-sgpt-quick": [*_FULL, "--preset", "quick", "--block-size", "32", *_PLAIN],
     "armor-full-nowag": ["--method", "armor", "--objective", "full", "--init", "nowag", "--block-size", "64", *_PLAIN],
     "armor-full-sgpt-bs64": [*_FULL, "--block-size", "64", *_PLAIN],
-    "armor-full-sgpt-bs64-distill": [*_FULL, "--block-size", "64", "--output-target", "layer", "--distill",
-                                     "--distill-steps", "16", "--distill-lr", "3e-4", "--distill-target", "layer"],
-    "armor-full-sgpt-bs64-distill-dense": [*_FULL, "--block-size", "64", "--output-target", "layer", "--distill",
-                                           "--distill-steps", "16", "--distill-lr", "3e-4", "--distill-target", "dense"],
+    "armor-full-sgpt-bs64-distill": [
+        *_FULL,
+        "--block-size",
+        "64",
+        "--output-target",
+        "layer",
+        "--distill",
+        "--distill-steps",
+        "16",
+        "--distill-lr",
+        "3e-4",
+        "--distill-target",
+        "layer",
+    ],
+    "armor-full-sgpt-bs64-distill-dense": [
+        *_FULL,
+        "--block-size",
+        "64",
+        "--output-target",
+        "layer",
+        "--distill",
+        "--distill-steps",
+        "16",
+        "--distill-lr",
+        "3e-4",
+        "--distill-target",
+        "dense",
+    ],
     "sparsegpt-aware": ["--method", "sparsegpt", "--output-target", "dense"],
-    "armor-full-sgpt-bs64-aware-mix1": [*_FULL, "--block-size", "64", "--output-target", "dense",
-                                        "--output-target-mix", "1", "--no-distill"],
+    "armor-full-sgpt-bs64-aware-mix1": [
+        *_FULL,
+        "--block-size",
+        "64",
+        "--output-target",
+        "dense",
+        "--output-target-mix",
+        "1",
+        "--no-distill",
+    ],
     "armor-full-sgpt-bs64-aware": [*_FULL, "--block-size", "64", "--output-target", "dense", "--no-distill"],
-    "armor-full-sgpt-bs64-aware-mix50": [*_FULL, "--block-size", "64", "--output-target", "dense",
-                                         "--output-target-mix", "0.5", "--no-distill"],
-    "armor-full-sgpt-bs64-aware-distill-dense": [*_FULL, "--block-size", "64", "--output-target", "dense", "--distill",
-                                                 "--distill-steps", "16", "--distill-lr", "3e-4",
-                                                 "--distill-target", "dense"],
-    "armor-full-sgpt-bs64-aware-distill-dense8": [*_FULL, "--block-size", "64", "--output-target", "dense", "--distill",
-                                                  "--distill-steps", "8", "--distill-target", "dense"],
+    "armor-full-sgpt-bs64-aware-mix50": [
+        *_FULL,
+        "--block-size",
+        "64",
+        "--output-target",
+        "dense",
+        "--output-target-mix",
+        "0.5",
+        "--no-distill",
+    ],
+    "armor-full-sgpt-bs64-aware-distill-dense": [
+        *_FULL,
+        "--block-size",
+        "64",
+        "--output-target",
+        "dense",
+        "--distill",
+        "--distill-steps",
+        "16",
+        "--distill-lr",
+        "3e-4",
+        "--distill-target",
+        "dense",
+    ],
+    "armor-full-sgpt-bs64-aware-distill-dense8": [
+        *_FULL,
+        "--block-size",
+        "64",
+        "--output-target",
+        "dense",
+        "--distill",
+        "--distill-steps",
+        "8",
+        "--distill-target",
+        "dense",
+    ],
     "armor-full-sgpt-calib-pydoc": [*_FULL, "--calib-data", "pydoc", "--block-size", "32", *_PLAIN],
     "sparsegpt-calib-pydoc": ["--method", "sparsegpt", "--calib-data", "pydoc"],
     # the CLI default: full objective from SparseGPT, block size auto (64 here), both targets dense,
@@ -81,13 +164,15 @@ RUNS = {
 def perplexities(model_dir: Path, seq_len: int) -> dict[str, float]:
     import torch
 
-    from armor_vllm.checkpoint import load_dense_hf_model
     from armor_vllm.eval import data_windows, eval_windows, hf_nll
+    from armor_vllm.hf.dense import load_dense_hf_model
 
     model = load_dense_hf_model(model_dir, dtype=torch.float32)
     out = {}
     for text in TEXTS:
-        windows = eval_windows(model_dir, seq_len, None) if text == "builtin" else data_windows(model_dir, text, seq_len)
+        windows = (
+            eval_windows(model_dir, seq_len, None) if text == "builtin" else data_windows(model_dir, text, seq_len)
+        )
         nll, n = hf_nll(model_dir, windows, model)
         out[text] = math.exp(nll / n)
     return out
@@ -147,8 +232,11 @@ def main() -> int:
             "date": date.today().isoformat(),
         }
         save()
-        print(f"  {name}: {runs[name]['perplexity']} ({runs[name]['seconds']:.0f} s compress, "
-              f"{time.perf_counter() - t:.0f} s eval)", flush=True)
+        print(
+            f"  {name}: {runs[name]['perplexity']} ({runs[name]['seconds']:.0f} s compress, "
+            f"{time.perf_counter() - t:.0f} s eval)",
+            flush=True,
+        )
 
     print(table(runs))
     plot_time(runs, out.with_name(out.stem + "_vs_time.png"))
@@ -191,10 +279,14 @@ def table(runs: dict) -> str:
     """The markdown table of BENCHMARKS.md, section 1."""
     dense = runs["dense"]["perplexity"]
     texts = [t for t in TEXTS if t in dense]
-    best = {t: min((n for n in BASELINES if n in runs), key=lambda n: runs[n]["perplexity"][t], default=None)
-            for t in texts}
-    head = "| run | calib | bs | out | distill | " + " | ".join(f"{t} ppl | gap closed | / dense" for t in texts) + \
-        " | output loss | MiB | compress time |"
+    best = {
+        t: min((n for n in BASELINES if n in runs), key=lambda n: runs[n]["perplexity"][t], default=None) for t in texts
+    }
+    head = (
+        "| run | calib | bs | out | distill | "
+        + " | ".join(f"{t} ppl | gap closed | / dense" for t in texts)
+        + " | output loss | MiB | compress time |"
+    )
     lines = [head, "|" + "---|" * (3 * len(texts) + 8)]
     order = ["dense", *(n for n in RUNS if n in runs), *(n for n in runs if n != "dense" and n not in RUNS)]
     for name in order:
@@ -213,8 +305,13 @@ def table(runs: dict) -> str:
         hloss = r.get("mean_hessian_loss")
         mib = r.get("bytes_on_disk", 0) / 2**20 or 256.6  # dense: the source checkpoint
         seconds = "" if name == "dense" else f"{r['seconds']:.0f} s" + (" (load)" if r.get("under_load") else "")
-        lines.append(f"| {name} | " + " | ".join(settings) + " | " + " | ".join(cells) +
-                     f" | {'' if hloss is None else f'{hloss:.4f}'} | {mib:.0f} | {seconds} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(settings)
+            + " | "
+            + " | ".join(cells)
+            + f" | {'' if hloss is None else f'{hloss:.4f}'} | {mib:.0f} | {seconds} |"
+        )
     return "\n".join(lines)
 
 
@@ -234,9 +331,15 @@ def plot_time(runs: dict, path: Path) -> None:
         for colour, name in zip(colours, shown):
             r = runs[name]
             hollow = r.get("under_load", False)
-            ax.scatter(r["seconds"] / 60, r["perplexity"][text], s=40, marker="o" if name.startswith("armor") else "s",
-                       facecolors="none" if hollow else colour, edgecolors=colour,
-                       label=name + (" (timed under load)" if hollow else ""))
+            ax.scatter(
+                r["seconds"] / 60,
+                r["perplexity"][text],
+                s=40,
+                marker="o" if name.startswith("armor") else "s",
+                facecolors="none" if hollow else colour,
+                edgecolors=colour,
+                label=name + (" (timed under load)" if hollow else ""),
+            )
         ax.axhline(dense[text], color="gray", linestyle="--", label="dense")
         ax.set_yscale("log")
         ax.set_title(text)
@@ -250,8 +353,15 @@ def plot_time(runs: dict, path: Path) -> None:
 
 
 # the per-layer plot shows the baselines and one ARMOR run per step of the way to the default
-LAYER_PLOT_RUNS = ("wanda", "nowag", "sparsegpt", "armor-diag-nowag-quick", "armor-full-sgpt", "armor-full-sgpt-bs64",
-                   "armor-default")
+LAYER_PLOT_RUNS = (
+    "wanda",
+    "nowag",
+    "sparsegpt",
+    "armor-diag-nowag-quick",
+    "armor-full-sgpt",
+    "armor-full-sgpt-bs64",
+    "armor-default",
+)
 
 
 def plot_layers(runs: dict, work: Path, path: Path) -> None:

@@ -26,7 +26,7 @@ else
     python scripts/vllm_dist_alias.py
 fi
 # Text that ships in Debian packages: the Jargon File is part of the default calibration mix;
-# fortunes and The Devil's Dictionary are the held-out evaluation texts (armor_vllm/calibration.py).
+# fortunes and The Devil's Dictionary are the held-out evaluation texts (armor_vllm/offline/calibration.py).
 # Without them calibration still runs (that source left out, with a warning), so a machine without
 # apt gets a warning here, not a failure.
 TEXT_PACKAGES="dict-jargon fortunes dict-devil"

@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from armor_vllm.checkpoint import armor_model_config, copy_side_files, load_tensors, read_json, write_json
-from armor_vllm.factorization import mask_from_scores
-from armor_vllm.format import TRANSFORMERS_GUARD_KEY, ArmorConfig, ArmorLayer, encode_layer
+from armor_vllm.core.checkpoint import armor_model_config, copy_side_files, load_tensors, read_json, write_json
+from armor_vllm.core.factorization import mask_from_scores
+from armor_vllm.core.format import TRANSFORMERS_GUARD_KEY, ArmorConfig, ArmorLayer, encode_layer
 
 KINDS = ("v2-wrappers", "v2-plain", "v1")
 
 
-def write_armor_checkpoint(dense_dir: Path, out: Path, kind: str = "v2-wrappers", block_size: int = 32,
-                           seed: int = 0, spread: float = 0.05) -> Path:
+def write_armor_checkpoint(
+    dense_dir: Path, out: Path, kind: str = "v2-wrappers", block_size: int = 32, seed: int = 0, spread: float = 0.05
+) -> Path:
     """``kind``: ``v2-wrappers`` (format v2, wrappers: true), ``v2-plain`` (wrappers: false) or
     ``v1`` (format v1 as armor-vllm 0.1 wrote it: wrappers, no transformers guard)."""
     if kind not in KINDS:
@@ -41,8 +42,12 @@ def write_armor_checkpoint(dense_dir: Path, out: Path, kind: str = "v2-wrappers"
         tensors.update(encode_layer(prefix, ArmorLayer(a, core, b), torch.bfloat16, wrappers=wrappers))
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    qcfg = ArmorConfig(block_size=block_size, method="armor" if wrappers else "magnitude",
-                       format_version=1 if kind == "v1" else 2, wrappers=wrappers)
+    qcfg = ArmorConfig(
+        block_size=block_size,
+        method="armor" if wrappers else "magnitude",
+        format_version=1 if kind == "v1" else 2,
+        wrappers=wrappers,
+    )
     config = armor_model_config(read_json(dense_dir / "config.json"), qcfg)
     if kind == "v1":
         del config[TRANSFORMERS_GUARD_KEY]

@@ -27,13 +27,21 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     """A 2-layer Llama with random weights (hidden 64) and the default model's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from armor_vllm.checkpoint import copy_side_files
+    from armor_vllm.core.checkpoint import copy_side_files
 
     out = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="bfloat16",
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -44,8 +52,8 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 
 def random_armor_layer(rows: int, cols: int, bs: int, seed: int = 0, spread: float = 0.2, bias: bool = False):
     """A random format-v1 layer: a 2:4 core and wrappers ``I + spread * noise`` (every block differs)."""
-    from armor_vllm.factorization import mask_from_scores
-    from armor_vllm.format import ArmorLayer
+    from armor_vllm.core.factorization import mask_from_scores
+    from armor_vllm.core.format import ArmorLayer
 
     gen = torch.Generator().manual_seed(seed)
     core = torch.randn(rows, cols, generator=gen) * mask_from_scores(torch.rand(rows, cols, generator=gen))
@@ -63,14 +71,17 @@ def run_vllm_jobs(jobs: list[dict], timeout: int = 1800) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="vllm-jobs-"))
     jobs = [{**job, "model": str(job["model"]), "out": str(work / f"job-{i}.json")} for i, job in enumerate(jobs)]
     (work / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([sys.executable, str(VLLM_RUNNER), str(work / "jobs.json")],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(VLLM_RUNNER), str(work / "jobs.json")], capture_output=True, text=True, timeout=timeout
+    )
     log = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "Attempted to load weight" not in line)
     results = []
     for job in jobs:
         out = Path(job["out"])
         if not out.is_file():
-            raise RuntimeError(f"vLLM runner (exit {proc.returncode}) wrote no result for {job['model']}:\n{log[-6000:]}")
+            raise RuntimeError(
+                f"vLLM runner (exit {proc.returncode}) wrote no result for {job['model']}:\n{log[-6000:]}"
+            )
         result = json.loads(out.read_text())
         if "error" in result:  # vLLM's root cause is in the child's log, not in the exception chain
             result["log_tail"] = log[-4000:]
@@ -85,8 +96,9 @@ def armor_checkpoint(tmp_path_factory, default_model_dir):
     from armor_vllm.offline.pipeline import OfflineOptions, run_offline
 
     out = tmp_path_factory.mktemp("ckpt") / "wanda-wrapped"
-    run_offline(OfflineOptions(model=str(default_model_dir), output=str(out), method="wanda",
-                               calib_samples=8, seq_len=128))
+    run_offline(
+        OfflineOptions(model=str(default_model_dir), output=str(out), method="wanda", calib_samples=8, seq_len=128)
+    )
     _perturb_wrappers(out, seed=0, scale=0.02)
     return out
 
@@ -99,8 +111,8 @@ def _perturb_wrappers(out: Path, seed: int = 0, scale: float = 0.02) -> None:
 
     from safetensors.torch import save_file
 
-    from armor_vllm.checkpoint import load_tensors, shard_files
-    from armor_vllm.factorization import identity_blocks
+    from armor_vllm.core.checkpoint import load_tensors, shard_files
+    from armor_vllm.core.factorization import identity_blocks
 
     (path,) = shard_files(out)
     tensors = load_tensors(out)
@@ -127,13 +139,21 @@ def tp_dense_dir(tmp_path_factory, default_model_dir) -> Path:
     intermediate 512; the embedded model's 9 heads do not), with the embedded model's tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from armor_vllm.checkpoint import copy_side_files
+    from armor_vllm.core.checkpoint import copy_side_files
 
     dense = tmp_path_factory.mktemp("tp-llama") / "dense"
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="bfloat16",
         initializer_range=0.1,  # larger than the default 0.02: peaked logits, a stable greedy argmax
     )
     torch.manual_seed(0)
@@ -148,8 +168,11 @@ def tp_plain_checkpoint(tp_dense_dir) -> Path:
     from armor_vllm.offline.pipeline import OfflineOptions, run_offline
 
     out = tp_dense_dir.parent / "wanda-plain"
-    run_offline(OfflineOptions(model=str(tp_dense_dir), output=str(out), method="wanda", block_size=32,
-                               calib_samples=4, seq_len=64))
+    run_offline(
+        OfflineOptions(
+            model=str(tp_dense_dir), output=str(out), method="wanda", block_size=32, calib_samples=4, seq_len=64
+        )
+    )
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from armor_vllm.factorization import factored_linear, mask_from_scores
+from armor_vllm.core.factorization import factored_linear, mask_from_scores
 from armor_vllm.kernels.base import ArmorShards
 
 
@@ -55,5 +55,10 @@ def vllm_like_compile(fn, backend="aot_eager"):
     frozen at its first value. Dynamo's cache is reset first: with no guards, a cached graph of the
     same code object would otherwise be reused for a different closure."""
     torch._dynamo.reset()
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend,
-                         options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    return torch.compile(
+        fn,
+        fullgraph=True,
+        dynamic=False,
+        backend=backend,
+        options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
+    )

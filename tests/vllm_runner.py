@@ -9,7 +9,7 @@ the jobs share one process and, at tensor-parallel size 1, vLLM runs in it (no e
 process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor). Between jobs the engine is
 shut down, vLLM's distributed state and torch.compile's caches are cleared, and the environment
 (``ARMOR_VLLM_KERNEL`` and friends are read when vLLM builds the config) is set per job. Jobs with
-``"standin": true`` run with the CPU stand-ins of the 2:4 ops (``armor_vllm.kernels.standin``),
+``"standin": true`` run with the CPU stand-ins of the 2:4 ops (``standin``),
 installed here and, for tensor-parallel worker processes, through ``tests/standin_site``.
 """
 
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-STANDIN_SITE = str(Path(__file__).resolve().parent / "standin_site")
+TESTS = str(Path(__file__).resolve().parent)
+STANDIN_SITE = str(Path(TESTS) / "standin_site")
 
 
 def run_job(job: dict) -> dict:
@@ -33,23 +34,32 @@ def run_job(job: dict) -> dict:
         # 512-token contexts need little KV cache. An explicit size, not vLLM's CPU default (a share of
         # RAM minus this process's RSS), which shrinks as jobs run in one process and fails the later ones.
         "kv_cache_memory_bytes": 256 * 2**20,
-        "distributed_executor_backend": "uni" if request.get("llm_kwargs", {}).get("tensor_parallel_size", 1) == 1 else "mp",
+        "distributed_executor_backend": "uni"
+        if request.get("llm_kwargs", {}).get("tensor_parallel_size", 1) == 1
+        else "mp",
         **request.get("llm_kwargs", {}),
     }
     try:
-        llm = make_llm(job["model"], dtype=request.get("dtype", "float32"), max_model_len=512,
-                       enforce_eager=request.get("enforce_eager", True), **kwargs)
+        llm = make_llm(
+            job["model"],
+            dtype=request.get("dtype", "float32"),
+            max_model_len=512,
+            enforce_eager=request.get("enforce_eager", True),
+            **kwargs,
+        )
     except Exception as exc:  # reported to the test, which checks the message
         return {"error": f"{type(exc).__name__}: {exc}", "chain": _chain(exc)}
     result = {}
     try:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request.get("prompt_ids", [])]
         if prompts:
-            greedy = llm.generate(prompts, SamplingParams(max_tokens=request.get("max_tokens", 8), temperature=0.0),
-                                  use_tqdm=False)
+            greedy = llm.generate(
+                prompts, SamplingParams(max_tokens=request.get("max_tokens", 8), temperature=0.0), use_tqdm=False
+            )
             result["greedy_ids"] = [list(o.outputs[0].token_ids) for o in greedy]
-            scored = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
-                                  use_tqdm=False)
+            scored = llm.generate(
+                prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False
+            )
             result["prompt_logprobs"] = [
                 [None if e is None else e[ids[i]].logprob for i, e in enumerate(o.prompt_logprobs)]
                 for o, ids in zip(scored, request["prompt_ids"])
@@ -64,9 +74,8 @@ def run_job(job: dict) -> dict:
 
 def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
+    import standin
     import torch
-
-    from armor_vllm.kernels import standin
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     base_env = dict(os.environ)
@@ -76,7 +85,9 @@ def main() -> None:
         os.environ.update(job.get("env", {}))
         if job.get("standin"):
             standin.install()
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (STANDIN_SITE, base_env.get("PYTHONPATH")) if p)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                p for p in (STANDIN_SITE, TESTS, base_env.get("PYTHONPATH")) if p
+            )
         else:
             standin.uninstall()
         try:

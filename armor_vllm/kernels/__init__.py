@@ -36,7 +36,7 @@ from armor_vllm.kernels.backends import SPARSE_BACKENDS, any_sparse_backend
 from armor_vllm.kernels.base import ArmorKernel, ArmorShards
 from armor_vllm.kernels.factored import FactoredKernel
 from armor_vllm.kernels.folded import FoldedKernel
-from armor_vllm.kernels.plan import Plan
+from armor_vllm.kernels.plan import KernelPlan
 
 KERNEL_MODES = ("auto", "folded", "factored", *SPARSE_BACKENDS, "dense")
 
@@ -45,7 +45,7 @@ def select_kernel(
     mode: str,
     device: torch.device | str,
     key: str | None = None,
-    agree: Callable[[Plan], Plan] | None = None,
+    agree: Callable[[KernelPlan], KernelPlan] | None = None,
 ) -> ArmorKernel:
     """The kernel for ``mode`` on ``device`` (``key``: the op's layer name; ``agree``: how
     tensor-parallel ranks settle on one measured plan). Unknown names raise."""

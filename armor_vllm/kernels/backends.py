@@ -66,7 +66,9 @@ class CoreBackend:
         if rows % self.row_multiple:
             raise ValueError(f"{self.name} needs output rows in multiples of {self.row_multiple}, got {rows}")
         if cols % self.col_multiple:
-            raise ValueError(f"{self.name} needs the input dimension to be a multiple of {self.col_multiple}, got {cols}")
+            raise ValueError(
+                f"{self.name} needs the input dimension to be a multiple of {self.col_multiple}, got {cols}"
+            )
 
 
 def _cuda_capability(device: torch.device) -> tuple[int, int] | None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from armor_vllm.core.factorization import identity_blocks
+
 
 @dataclass
 class ArmorShards:
@@ -35,18 +37,28 @@ class ArmorShards:
         first = self.wrappers_in[0]
         return first if all(torch.equal(first, w) for w in self.wrappers_in[1:]) else None
 
+    @classmethod
+    def from_layers(cls, layers: list, block_size: int) -> "ArmorShards":
+        """The shards of decoded layers (``core.format.ArmorLayer``, stacked along the outputs in
+        order); a layer without wrappers (``None``) gets identity blocks of ``block_size``."""
+
+        def blocks(b, dim, device):
+            return identity_blocks(dim, block_size, device=device) if b is None else b
+
+        cores = [layer.core for layer in layers]
+        device = cores[0].device
+        return cls(
+            wrapper_out=torch.cat([blocks(layer.wrapper_out, layer.core.shape[0], device) for layer in layers]),
+            cores=cores,
+            wrappers_in=[blocks(layer.wrapper_in, layer.core.shape[1], device) for layer in layers],
+        )
+
     def to(self, device: torch.device) -> "ArmorShards":
         return ArmorShards(
             wrapper_out=self.wrapper_out.to(device),
             cores=[c.to(device) for c in self.cores],
             wrappers_in=[w.to(device) for w in self.wrappers_in],
         )
-
-
-def is_identity(blocks: torch.Tensor) -> bool:
-    """True when block-diagonal blocks are exactly the identity (plain 2:4 checkpoints)."""
-    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
-    return bool(torch.equal(blocks, eye.expand_as(blocks)))
 
 
 class ArmorKernel(ABC):

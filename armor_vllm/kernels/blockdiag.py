@@ -23,9 +23,7 @@ def stack_wrappers(blocks: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([b.transpose(1, 2) for b in blocks], dim=2).contiguous()
 
 
-def blockdiag_bmm(
-    x: torch.Tensor, wt: torch.Tensor, shards: int = 1, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def blockdiag_bmm(x: torch.Tensor, wt: torch.Tensor, shards: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Block-diagonal wrappers as one batched matmul. ``x`` (T, n*bs) contiguous, ``wt`` from
     ``stack_wrappers``. One shard: (T, n*bs) (+ bias, fused through ``baddbmm``); several:
     (shards, T, n*bs). One copy brings the batched result back to row-major tokens."""

@@ -14,7 +14,7 @@ tensor cores, CUDA sm80+, fp16/bf16), or ``auto``, which measures.
 3. finds the plan of the layer's shape (``kernels.plan``): fixed for a named backend; for ``auto``
    measured once per distinct shape and reused by every layer of that shape — the fastest backend
    at 1024 tokens, the token count up to which the folded dense weight beats it (that weight is then
-   kept next to the core: ``dense_below``; it costs its memory again, ``ARMOR_DENSE_BELOW=0``
+   kept next to the core: ``dense_below``; it costs its memory again, ``ARMOR_VLLM_DENSE_BELOW=0``
    refuses that), and bmm or Triton wrappers per token range; then agreed across tensor-parallel
    ranks (``agree``);
 4. builds this layer's tensors for the plan's backend and runs the whole plan at several token
@@ -23,30 +23,31 @@ tensor cores, CUDA sm80+, fp16/bf16), or ``auto``, which measures.
 5. registers the layout and plan under the layer's key for the op.
 
 Options: ``backend`` (``dense``, ``cusparselt``, ``cutlass``, ``auto``), ``wrapper`` (``bmm``,
-``triton``, ``auto`` = measured on CUDA, else bmm; env ``ARMOR_WRAPPER``), ``dense_below`` (env
-``ARMOR_DENSE_BELOW``: 0 never keeps the dense copy; a positive value forces that threshold),
+``triton``, ``auto`` = measured on CUDA, else bmm; env ``ARMOR_VLLM_WRAPPER``), ``dense_below`` (env
+``ARMOR_VLLM_DENSE_BELOW``: 0 never keeps the dense copy; a positive value forces that threshold),
 ``key`` (the op's layer name; the vLLM plugin passes the layer prefix), ``agree``, ``strict``.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import warnings
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from armor_vllm import envs
+from armor_vllm.core.factorization import is_identity_blocks as is_identity
 from armor_vllm.kernels.backends import SPARSE_BACKENDS, get_backend, usable_sparse_backends
-from armor_vllm.kernels.base import ArmorKernel, ArmorShards, is_identity
+from armor_vllm.kernels.base import ArmorKernel, ArmorShards
 from armor_vllm.kernels.blockdiag import IMPLS, blockdiag, stack_wrappers, triton_supported
 from armor_vllm.kernels.folded import fold_shards
-from armor_vllm.kernels.linear_op import LinearLayout, factored_linear, register_layer, run_factored
+from armor_vllm.kernels.linear_op import LinearLayout, call_factored_op, register_layer, run_factored
 from armor_vllm.kernels.plan import (
     LADDER,
     UNBOUNDED,
-    Plan,
+    KernelPlan,
     cached_plan,
     dense_threshold,
     time_ms,
@@ -60,11 +61,6 @@ MEASURE_AT = 1024  # tokens at which sparse backends are compared with each othe
 _keys = itertools.count()
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return None if value in (None, "") else int(value)
-
-
 class FactoredKernel(ArmorKernel):
     name = "factored"
 
@@ -76,23 +72,23 @@ class FactoredKernel(ArmorKernel):
         device: torch.device | str | None = None,
         strict: bool = False,
         key: str | None = None,
-        agree: Callable[[Plan], Plan] | None = None,
+        agree: Callable[[KernelPlan], KernelPlan] | None = None,
     ):
         if backend not in MODES:
             raise ValueError(f"unknown ARMOR core backend {backend!r}; known: {', '.join(MODES)}")
-        wrapper = wrapper or os.environ.get("ARMOR_WRAPPER") or "auto"
+        wrapper = wrapper or envs.get(envs.WRAPPER) or "auto"
         if wrapper not in WRAPPERS:
             raise ValueError(f"unknown wrapper implementation {wrapper!r}; known: {', '.join(WRAPPERS)}")
         self.backend = backend
         self.wrapper = wrapper
-        self.dense_below = dense_below if dense_below is not None else _env_int("ARMOR_DENSE_BELOW")
+        self.dense_below = dense_below if dense_below is not None else envs.get_int(envs.DENSE_BELOW)
         self.device = torch.device(device) if device is not None else None
         self.strict = strict
         self.key = key or f"armor-linear-{next(_keys)}"
         self.agree = agree
         self.timer: Callable[[Callable[[], object], torch.device], float] = time_ms
         self.name = f"factored-{backend}"
-        self.plan: Plan | None = None
+        self.plan: KernelPlan | None = None
         self.layout: LinearLayout | None = None
 
     # -- prepare ---------------------------------------------------------------------------
@@ -124,8 +120,18 @@ class FactoredKernel(ArmorKernel):
         shared = shards.shared_wrapper_in()
         in_kind = "distinct" if shared is None else ("identity" if is_identity(shared) else "shared")
         return (
-            device.type, device.index, dtype, shards.block_size, tuple(shards.output_sizes), shards.input_size,
-            in_kind, is_identity(shards.wrapper_out), tuple(candidates), self.backend, self.wrapper, self.dense_below,
+            device.type,
+            device.index,
+            dtype,
+            shards.block_size,
+            tuple(shards.output_sizes),
+            shards.input_size,
+            in_kind,
+            is_identity(shards.wrapper_out),
+            tuple(candidates),
+            self.backend,
+            self.wrapper,
+            self.dense_below,
         )
 
     def _prepare(self, shards, dtype, device, folded) -> list[torch.Tensor]:
@@ -146,7 +152,11 @@ class FactoredKernel(ArmorKernel):
                 self.agree,
             )
         else:
-            plan = Plan(backend=candidates[0], dense_below=self.dense_below or 0, wrappers=self._fixed_wrappers(shards.block_size, device))
+            plan = KernelPlan(
+                backend=candidates[0],
+                dense_below=self.dense_below or 0,
+                wrappers=self._fixed_wrappers(shards.block_size, device),
+            )
         if plan.backend == "folded":
             return self._serve_folded(folded)
         try:
@@ -164,7 +174,7 @@ class FactoredKernel(ArmorKernel):
         return tensors
 
     def _serve_folded(self, folded: torch.Tensor) -> list[torch.Tensor]:
-        self.layout, self.plan = None, Plan(backend="folded")
+        self.layout, self.plan = None, KernelPlan(backend="folded")
         return [folded]
 
     def _fail(self, message: str, folded: torch.Tensor) -> list[torch.Tensor]:
@@ -177,12 +187,14 @@ class FactoredKernel(ArmorKernel):
         if self.wrapper == "triton":
             if triton_supported(block_size, device):
                 return ((UNBOUNDED, "triton"),)
-            warnings.warn(f"ARMOR {self.key}: the Triton wrapper kernel cannot run block size {block_size} on {device}; using bmm")
+            warnings.warn(
+                f"ARMOR {self.key}: the Triton wrapper kernel cannot run block size {block_size} on {device}; using bmm"
+            )
         return ((UNBOUNDED, "bmm"),)
 
     # -- verification ------------------------------------------------------------------------
 
-    def _verified(self, layout, tensors, plan: Plan, folded, dtype) -> Plan | None:
+    def _verified(self, layout, tensors, plan: KernelPlan, folded, dtype) -> KernelPlan | None:
         """``plan`` if running it matches the folded weight at every checked count; else the plan
         without Triton if that one does; else None."""
         tried = [plan] + ([plan.without("triton")] if plan.uses("triton") else [])
@@ -193,7 +205,7 @@ class FactoredKernel(ArmorKernel):
             warnings.warn(f"ARMOR {self.key}: plan {candidate.to_json()} rejected: {problem}")
         return None
 
-    def _check(self, layout, tensors, plan: Plan, folded, dtype) -> str | None:
+    def _check(self, layout, tensors, plan: KernelPlan, folded, dtype) -> str | None:
         counts = set(CHECK_TOKENS) | {plan.dense_below, plan.dense_below + 1}
         counts |= {u for u, _ in plan.wrappers[:-1]} | {u + 1 for u, _ in plan.wrappers[:-1]}
         tolerance = 1e-3 if dtype == torch.float32 else 3e-2
@@ -212,7 +224,7 @@ class FactoredKernel(ArmorKernel):
 
     # -- measurement (auto) -------------------------------------------------------------------
 
-    def _measure(self, candidates, build, folded, block_size, device, dtype) -> Plan:
+    def _measure(self, candidates, build, folded, block_size, device, dtype) -> KernelPlan:
         """The plan of this shape from timings (runs once per distinct shape)."""
         d_in = folded.shape[1]
         x_big = torch.randn(max(LADDER), d_in, device=device, dtype=dtype)
@@ -221,12 +233,12 @@ class FactoredKernel(ArmorKernel):
         for backend in candidates:
             try:
                 layout, tensors = build(backend)
-                if self._check(layout, tensors, Plan(backend=backend), folded, dtype) is None:
+                if self._check(layout, tensors, KernelPlan(backend=backend), folded, dtype) is None:
                     working.append(backend)
             except Exception as err:  # noqa: BLE001 - unusable here; the next candidate serves
                 warnings.warn(f"ARMOR: {backend} unusable for {self.key} ({type(err).__name__}: {err})")
         if not working:
-            return Plan(backend="folded")
+            return KernelPlan(backend="folded")
 
         wrappers = self._fixed_wrappers(block_size, device)
         layout, tensors = build(working[0])
@@ -241,20 +253,20 @@ class FactoredKernel(ArmorKernel):
 
         def sparse_ms(backend: str, n_tokens: int) -> float:
             lay, ts = build(backend)
-            plan = Plan(backend=backend, wrappers=wrappers)
+            plan = KernelPlan(backend=backend, wrappers=wrappers)
             xs = x_big[:n_tokens]
             return timer(lambda: run_factored(xs, ts, None, lay, plan))
 
         best = min(working, key=lambda b: sparse_ms(b, MEASURE_AT)) if len(working) > 1 else working[0]
-        plan = Plan(backend=best, wrappers=wrappers)
+        plan = KernelPlan(backend=best, wrappers=wrappers)
         if self.dense_below is not None:
-            return Plan(backend=best, dense_below=self.dense_below, wrappers=wrappers)
+            return KernelPlan(backend=best, dense_below=self.dense_below, wrappers=wrappers)
         dense = [timer(lambda n=n: F.linear(x_big[:n], folded)) for n in LADDER]
         sparse = [sparse_ms(best, n) for n in LADDER]
         below = dense_threshold(dense, sparse)
         if below >= LADDER[-1]:
-            return Plan(backend="folded")
-        return Plan(backend=best, dense_below=below, wrappers=plan.wrappers)
+            return KernelPlan(backend="folded")
+        return KernelPlan(backend=best, dense_below=below, wrappers=plan.wrappers)
 
     def _measure_wrappers(self, wrapper_ops, timer) -> tuple[tuple[int, str], ...]:
         """bmm or Triton at each ladder count (both wrappers' times summed); if Triton fails once it
@@ -280,7 +292,7 @@ class FactoredKernel(ArmorKernel):
     def apply(self, tensors, x, bias):
         if self.layout is None:
             return F.linear(x, tensors[0], bias)
-        return factored_linear(x, tensors, bias, self.key, self.layout.out_features)
+        return call_factored_op(x, tensors, bias, self.key, self.layout.out_features)
 
 
 def build_tensors(shards: ArmorShards, dtype: torch.dtype, backend: str) -> tuple[LinearLayout, list[torch.Tensor]]:
@@ -311,8 +323,13 @@ def build_tensors(shards: ArmorShards, dtype: torch.dtype, backend: str) -> tupl
     if has_out:
         tensors.append(stack_wrappers([shards.wrapper_out]).to(dtype))
     layout = LinearLayout(
-        backend=backend, n_cores=len(cores), core_tensors=core_tensors, in_shards=in_shards,
-        has_wrapper_out=has_out, has_dense=False, out_features=sum(shards.output_sizes),
+        backend=backend,
+        n_cores=len(cores),
+        core_tensors=core_tensors,
+        in_shards=in_shards,
+        has_wrapper_out=has_out,
+        has_dense=False,
+        out_features=sum(shards.output_sizes),
     )
     return layout, tensors
 

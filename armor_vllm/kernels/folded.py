@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from armor_vllm.factorization import reconstruct
+from armor_vllm.core.factorization import reconstruct
 from armor_vllm.kernels.base import ArmorKernel, ArmorShards
 
 

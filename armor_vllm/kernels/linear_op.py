@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from armor_vllm.kernels.backends import get_backend
 from armor_vllm.kernels.blockdiag import blockdiag
-from armor_vllm.kernels.plan import Plan
+from armor_vllm.kernels.plan import KernelPlan
 
 LIBRARY = "armor_vllm"
 OP_NAME = "factored_linear"
@@ -56,15 +56,15 @@ class LinearLayout:
 
 
 # layer key -> (layout, plan); filled at load, read on every call
-LAYERS: dict[str, tuple[LinearLayout, Plan]] = {}
+LAYERS: dict[str, tuple[LinearLayout, KernelPlan]] = {}
 
 
-def register_layer(key: str, layout: LinearLayout, plan: Plan) -> None:
+def register_layer(key: str, layout: LinearLayout, plan: KernelPlan) -> None:
     LAYERS[key] = (layout, plan)
 
 
 def run_factored(
-    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, layout: LinearLayout, plan: Plan
+    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, layout: LinearLayout, plan: KernelPlan
 ) -> torch.Tensor:
     """``y = A (S (B x)) + bias`` for ``x`` (..., d_in), by ``layout`` and ``plan`` (the op's body)."""
     lead = x.shape[:-1]
@@ -133,11 +133,11 @@ _register()
 _OP = getattr(getattr(torch.ops, LIBRARY), OP_NAME)
 
 
-def factored_linear(
+def call_factored_op(
     x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, layer: str, out_features: int
 ) -> torch.Tensor:
     """Call the registered op (what ``FactoredKernel.apply`` and the compiled graph run)."""
     return _OP(x, weights, bias, layer, out_features)
 
 
-__all__ = ["LAYERS", "LinearLayout", "factored_linear", "register_layer", "run_factored"]
+__all__ = ["LAYERS", "LinearLayout", "call_factored_op", "register_layer", "run_factored"]

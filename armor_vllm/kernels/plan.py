@@ -1,6 +1,6 @@
 """Per-shape execution plans of the factored kernel, measured once and shared.
 
-A ``Plan`` holds the choices that depend on the token count at call time: up to which count the
+A ``KernelPlan`` holds the choices that depend on the token count at call time: up to which count the
 folded dense weight serves instead of the sparse path (decode sizes, where 2:4 tends to lose), and
 which wrapper implementation serves each range of counts. They only choose between equivalent
 computations: a plan costs speed, never correctness, and every plan is checked against the reference
@@ -30,7 +30,7 @@ UNBOUNDED = 1 << 62
 
 
 @dataclass(frozen=True)
-class Plan:
+class KernelPlan:
     """Choices of one layer shape. ``backend``: the core backend, or ``"folded"`` for a layer that is
     served by its folded dense weight at every size."""
 
@@ -47,17 +47,23 @@ class Plan:
     def uses(self, impl: str) -> bool:
         return any(i == impl for _, i in self.wrappers)
 
-    def without(self, impl: str, fallback: str = "bmm") -> "Plan":
+    def without(self, impl: str, fallback: str = "bmm") -> "KernelPlan":
         return replace(self, wrappers=tuple((u, fallback if i == impl else i) for u, i in self.wrappers))
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "dense_below": self.dense_below,
-                "wrappers": [[min(u, UNBOUNDED), i] for u, i in self.wrappers]}
+        return {
+            "backend": self.backend,
+            "dense_below": self.dense_below,
+            "wrappers": [[min(u, UNBOUNDED), i] for u, i in self.wrappers],
+        }
 
     @classmethod
-    def from_json(cls, data: dict) -> "Plan":
-        return cls(backend=str(data["backend"]), dense_below=int(data["dense_below"]),
-                   wrappers=tuple((int(u), str(i)) for u, i in data["wrappers"]))
+    def from_json(cls, data: dict) -> "KernelPlan":
+        return cls(
+            backend=str(data["backend"]),
+            dense_below=int(data["dense_below"]),
+            wrappers=tuple((int(u), str(i)) for u, i in data["wrappers"]),
+        )
 
 
 def wrapper_ranges(picks: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
@@ -114,10 +120,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
 # the shared cache
 
 
-PLAN_CACHE: dict[tuple, Plan] = {}
+PLAN_CACHE: dict[tuple, KernelPlan] = {}
 
 
-def cached_plan(key: tuple, measure: Callable[[], Plan], agree: Callable[[Plan], Plan] | None = None) -> Plan:
+def cached_plan(
+    key: tuple, measure: Callable[[], KernelPlan], agree: Callable[[KernelPlan], KernelPlan] | None = None
+) -> KernelPlan:
     """The plan of ``key``: measured once per process (then agreed across ranks), reused after."""
     plan = PLAN_CACHE.get(key)
     if plan is None:
@@ -131,7 +139,7 @@ def cached_plan(key: tuple, measure: Callable[[], Plan], agree: Callable[[Plan],
 __all__ = [
     "LADDER",
     "PLAN_CACHE",
-    "Plan",
+    "KernelPlan",
     "UNBOUNDED",
     "cached_plan",
     "dense_threshold",

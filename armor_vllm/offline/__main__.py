@@ -5,7 +5,7 @@ Examples::
 
     python -m armor_vllm.offline --output out/smollm2-armor                 # ARMOR, default model
     python -m armor_vllm.offline --model PATH --output DIR --method wanda
-    python -m armor_vllm.offline --recipe offline/armor_quick.yaml --output DIR
+    python -m armor_vllm.offline --recipe recipes/armor_quick.yaml --output DIR
 """
 
 from __future__ import annotations
@@ -20,56 +20,106 @@ from armor_vllm.offline.pipeline import ORDERS, OfflineOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m armor_vllm.offline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m armor_vllm.offline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--output", required=True, help="directory to write; written as OUTPUT.partial then renamed")
     p.add_argument("--recipe", help="YAML/JSON file of options (see offline/); command-line options win")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="compression method (default armor)")
-    p.add_argument("--block-size", type=_block_size, default=None,
-                   help="wrapper block size: N (a multiple of 4 dividing every compressed layer) or auto (default: "
-                        "the largest of 64, 32, 16 that fits; 64 measured best, BENCHMARKS.md section 1)")
+    p.add_argument(
+        "--block-size",
+        type=_block_size,
+        default=None,
+        help="wrapper block size: N (a multiple of 4 dividing every compressed layer) or auto (default: "
+        "the largest of 64, 32, 16 that fits; 64 measured best, BENCHMARKS.md section 1)",
+    )
     p.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence (default 512)")
-    p.add_argument("--calib-data", nargs="+", default=None, help=".txt/.jsonl files or text source names, e.g. pydoc (default: a mix of pydoc, jargon, opticks, licenses; armor_vllm.calibration)")
-    p.add_argument("--order", choices=ORDERS, default=None,
-                   help="statistics from the dense model, or sequential (after earlier layers are compressed; default)")
+    p.add_argument(
+        "--calib-data",
+        nargs="+",
+        default=None,
+        help=".txt/.jsonl files or text source names, e.g. pydoc (default: a mix of pydoc, jargon, opticks, licenses; armor_vllm.offline.calibration)",  # noqa: E501
+    )
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default=None,
+        help="statistics from the dense model, or sequential (after earlier layers are compressed; default)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore", nargs="+", default=None, help="linears to leave dense (names or re:patterns)")
     p.add_argument("--preset", default=None, help="ARMOR schedule: quick, default or paper")
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
     p.add_argument("--lr", type=float, default=None, help="ARMOR learning rate (overrides the preset)")
-    p.add_argument("--objective", choices=["diag", "full"], default=None,
-                   help="ARMOR objective: full = output error tr(E H E^T) with H = X^T X (default), diag = the NoWag proxy")
-    p.add_argument("--init", choices=["nowag", "sparsegpt", "wanda"], default=None,
-                   help="the 2:4 pruning ARMOR starts from (default: sparsegpt for --objective full, nowag for diag)")
-    p.add_argument("--output-target", choices=["layer", "dense"], default=None,
-                   help="what each matrix is compressed to reproduce on its calibration inputs: the dense matrix's "
-                        "outputs (layer) or a mix with the dense model's own outputs at that matrix (dense: output-aware, "
-                        "also corrects part of the error of earlier layers; armor_vllm.offline.output_target). Default: "
-                        "dense for --method armor in sequential order, else layer")
-    p.add_argument("--output-target-mix", type=float, default=None,
-                   help="with --output-target dense: the share (0, 1] of the dense model's outputs in each matrix's "
-                        "target, the rest the dense matrix's (default 0.25)")
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
-                   help="after compressing each decoder layer, tune A, B and the kept values (masks fixed) "
-                        "so the layer's output matches the dense layer's (armor_vllm.offline.distill); "
-                        "default: on for --method armor except with --preset quick")
+    p.add_argument(
+        "--objective",
+        choices=["diag", "full"],
+        default=None,
+        help="ARMOR objective: full = output error tr(E H E^T) with H = X^T X (default), diag = the NoWag proxy",
+    )
+    p.add_argument(
+        "--init",
+        choices=["nowag", "sparsegpt", "wanda"],
+        default=None,
+        help="the 2:4 pruning ARMOR starts from (default: sparsegpt for --objective full, nowag for diag)",
+    )
+    p.add_argument(
+        "--output-target",
+        choices=["layer", "dense"],
+        default=None,
+        help="what each matrix is compressed to reproduce on its calibration inputs: the dense matrix's "
+        "outputs (layer) or a mix with the dense model's own outputs at that matrix (dense: output-aware, "
+        "also corrects part of the error of earlier layers; armor_vllm.offline.output_target). Default: "
+        "dense for --method armor in sequential order, else layer",
+    )
+    p.add_argument(
+        "--output-target-mix",
+        type=float,
+        default=None,
+        help="with --output-target dense: the share (0, 1] of the dense model's outputs in each matrix's "
+        "target, the rest the dense matrix's (default 0.25)",
+    )
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after compressing each decoder layer, tune A, B and the kept values (masks fixed) "
+        "so the layer's output matches the dense layer's (armor_vllm.offline.distill); "
+        "default: on for --method armor except with --preset quick",
+    )
     p.add_argument("--distill-steps", type=int, default=None, help="Adam steps per decoder layer (default 16)")
-    p.add_argument("--distill-target", choices=["layer", "dense"], default=None,
-                   help="what --distill matches: the dense layer on the compressed model's inputs (layer) or the "
-                        "dense model's own hidden states (dense: output-aware, corrects earlier layers' error). "
-                        "Default: dense in sequential order, else layer")
+    p.add_argument(
+        "--distill-target",
+        choices=["layer", "dense"],
+        default=None,
+        help="what --distill matches: the dense layer on the compressed model's inputs (layer) or the "
+        "dense model's own hidden states (dense: output-aware, corrects earlier layers' error). "
+        "Default: dense in sequential order, else layer",
+    )
     p.add_argument("--distill-lr", type=float, default=None, help="Adam learning rate of distillation (default 3e-4)")
-    p.add_argument("--distill-max-seconds", type=float, default=None,
-                   help="wall-time cap of distillation per decoder layer (default 60)")
-    p.add_argument("--device", default=None,
-                   help="where per-layer compression runs: cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--distill-max-seconds",
+        type=float,
+        default=None,
+        help="wall-time cap of distillation per decoder layer (default 60)",
+    )
+    p.add_argument(
+        "--device", default=None, help="where per-layer compression runs: cpu or cuda (default: cuda when available)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--workers", type=int, default=None,
-                   help="compress the groups of each layer in N local Ray worker processes (same bytes; needs armor-vllm[ray])")
-    p.add_argument("--ray-address", default=None,
-                   help="run the compression tasks on an existing Ray cluster, e.g. auto or HOST:6379 (needs armor-vllm[ray])")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="compress the groups of each layer in N local Ray worker processes (same bytes; needs armor-vllm[ray])",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the compression tasks on an existing Ray cluster, e.g. auto or HOST:6379 (needs armor-vllm[ray])",
+    )
     return p
 
 
@@ -125,11 +175,15 @@ def _dense_line(summary: dict) -> str:
     reasons: dict[str, list[str]] = {}
     for entry in summary.get("dense", []):
         reasons.setdefault(entry["reason"], []).append(entry["name"])
-    parts = [f"{reason}: {len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for reason, names in reasons.items()]
+    parts = [
+        f"{reason}: {len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for reason, names in reasons.items()
+    ]
     line = f"  left dense: {'; '.join(parts) or 'nothing'}"
     if summary.get("experts"):
-        line += (f"\n  experts: {summary['experts']} compressed, {summary['experts_stats_fallback']} with too few "
-                 f"routed calibration tokens (statistics of their whole MoE block, see armor_vllm/offline/experts.py)")
+        line += (
+            f"\n  experts: {summary['experts']} compressed, {summary['experts_stats_fallback']} with too few "
+            f"routed calibration tokens (statistics of their whole MoE block, see armor_vllm/offline/experts.py)"
+        )
     return line
 
 

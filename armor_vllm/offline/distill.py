@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from armor_vllm.factorization import reconstruct
-from armor_vllm.format import ArmorLayer
+from armor_vllm.core.factorization import reconstruct
+from armor_vllm.core.format import ArmorLayer
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,10 @@ def _output(out):
 
 def _param_name(target) -> str:
     if target.kind not in ("linear", "conv1d"):
-        raise ValueError(f"--distill: {target.checkpoint} is a {target.kind} target; distillation supports "
-                         f"plain linear (and conv1d) projections only")
+        raise ValueError(
+            f"--distill: {target.checkpoint} is a {target.kind} target; distillation supports "
+            f"plain linear (and conv1d) projections only"
+        )
     return f"{target.module}.weight"
 
 
@@ -86,7 +88,9 @@ def distill_layer(
     def evaluate(chosen: dict[str, ArmorLayer]) -> tuple[float, list[torch.Tensor]]:
         with torch.no_grad():
             w = substituted({n: f.weight() for n, f in chosen.items()})
-            outputs = [_output(torch.func.functional_call(layer, w, (h, *args), kwargs)) for (h, args, kwargs), _ in sequences]
+            outputs = [
+                _output(torch.func.functional_call(layer, w, (h, *args), kwargs)) for (h, args, kwargs), _ in sequences
+            ]
             total = sum(float((o - d).square().sum()) for o, (_, d) in zip(outputs, sequences))
         return total / max(sum(d.numel() for _, d in sequences), 1), outputs
 
@@ -104,11 +108,19 @@ def distill_layer(
         loss.backward()
         optimizer.step()
         steps += 1
-    tuned = as_stored({n: ArmorLayer(a.detach(), (core * masks[n]).detach(), b.detach(), bias=factors[n].bias)
-                       for n, (a, core, b) in params.items()})
+    tuned = as_stored(
+        {
+            n: ArmorLayer(a.detach(), (core * masks[n]).detach(), b.detach(), bias=factors[n].bias)
+            for n, (a, core, b) in params.items()
+        }
+    )
     after, after_outputs = evaluate(tuned)
-    info = {"distill_mse_before": before, "distill_mse_after": after, "distill_steps": steps,
-            "distill_seconds": time.perf_counter() - start}
+    info = {
+        "distill_mse_before": before,
+        "distill_mse_after": after,
+        "distill_steps": steps,
+        "distill_seconds": time.perf_counter() - start,
+    }
     if not after < before:
         return Distilled(factors, info | {"distill_kept": 0.0}, before_outputs)
     return Distilled(tuned, info | {"distill_kept": 1.0}, after_outputs)
@@ -117,8 +129,9 @@ def distill_layer(
 TUNABLE_KINDS = ("linear", "conv1d")
 
 
-def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_size, out_dtype,
-                    options: DistillOptions) -> tuple[dict[str, torch.Tensor], list[dict], list[torch.Tensor]]:
+def distill_tensors(
+    layer, targets, tensors, metrics, inputs, dense_out, block_size, out_dtype, options: DistillOptions
+) -> tuple[dict[str, torch.Tensor], list[dict], list[torch.Tensor]]:
     """The pipeline's step: decode one decoder layer's checkpoint tensors, distill them against the
     dense layer's outputs ``dense_out`` on the (sequential) calibration ``inputs``, encode them again.
     Adds the distillation measurements to every matrix's metrics and returns, too, the layer's
@@ -126,7 +139,7 @@ def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_s
 
     Linear (and conv1d) projections are tuned; other targets (MoE experts) stay as compressed: their
     compressed weights are written into ``layer`` first, so the tuned projections see them."""
-    from armor_vllm.format import decode_layer, encode_layer
+    from armor_vllm.core.format import decode_layer, encode_layer
     from armor_vllm.offline.targets import set_weight
 
     tunable = [t for t in targets if t.kind in TUNABLE_KINDS]
@@ -148,8 +161,12 @@ def distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, block_s
     batches = [(h, *inputs.arguments(b)) for b, h in enumerate(inputs.hidden)]
     result = distill_layer(layer, tunable, factors, batches, dense_out.hidden, options, as_stored)
     info = result.info
-    fixed = {"distill_steps": 0, "distill_kept": 0.0, "distill_mse_before": info["distill_mse_before"],
-             "distill_mse_after": info["distill_mse_after"]}
+    fixed = {
+        "distill_steps": 0,
+        "distill_kept": 0.0,
+        "distill_mse_before": info["distill_mse_before"],
+        "distill_mse_after": info["distill_mse_after"],
+    }
     # kept: the tensors encoded once, in as_stored; not kept: the given tensors, untouched
     out = {**tensors, **tuned_tensors} if info["distill_kept"] else tensors
     return out, [m | (info if m["name"] in by_name else fixed) for m in metrics], result.outputs

@@ -45,8 +45,9 @@ def _timed_compress(method: CompressionMethod, weights, stats) -> Outcome:
     return results, time.perf_counter() - start
 
 
-def compress_task(method_name: str, block_size: int, seed: int, options: dict, weights, stats,
-                  num_threads: int) -> Outcome:
+def compress_task(
+    method_name: str, block_size: int, seed: int, options: dict, weights, stats, num_threads: int
+) -> Outcome:
     """One group, in a worker: rebuild the method from its registry name and options, run it with
     the driver's thread count."""
     torch.set_num_threads(num_threads)
@@ -96,8 +97,9 @@ class RayExecutor:
     def compress_groups(self, method: CompressionMethod, jobs: list[Job]) -> list[Outcome]:
         threads = torch.get_num_threads()
         refs = [
-            self._task.remote(method.name, method.block_size, method.seed, dict(method.options),
-                              weights, stats, threads)
+            self._task.remote(
+                method.name, method.block_size, method.seed, dict(method.options), weights, stats, threads
+            )
             for weights, stats in jobs
         ]
         return self._ray.get(refs)

@@ -157,7 +157,10 @@ class LayerStats:
 
 @torch.no_grad()
 def collect_layer_stats(
-    layer: nn.Module, inputs: LayerInputs, targets: list[Target], full_hessian: bool,
+    layer: nn.Module,
+    inputs: LayerInputs,
+    targets: list[Target],
+    full_hessian: bool,
     dense_inputs: LayerInputs | None = None,
 ) -> LayerStats:
     """Run ``layer`` on every sample with hooks that collect the input statistics of ``targets``.
@@ -261,5 +264,6 @@ def collect_layer_stats(
                 raise ValueError(f"{t.checkpoint}: never called on the calibration samples")
             group_stats = stats[key]
         groups.setdefault(key, StatsGroup(names=[], stats=group_stats)).names.append(t.name)
-    return LayerStats(list(groups.values()), inputs.next(outputs), routing,
-                      dense_inputs.next(dense_outputs) if cross else None)
+    return LayerStats(
+        list(groups.values()), inputs.next(outputs), routing, dense_inputs.next(dense_outputs) if cross else None
+    )

@@ -39,8 +39,9 @@ def check_mix(mix) -> float:
     return float(mix)
 
 
-def dense_output_target(weight: torch.Tensor, stats: InputStats, damp: float = 0.01,
-                        mix: float = DEFAULT_MIX) -> torch.Tensor:
+def dense_output_target(
+    weight: torch.Tensor, stats: InputStats, damp: float = 0.01, mix: float = DEFAULT_MIX
+) -> torch.Tensor:
     """``W̃ = W (mix C + (1 - mix) H + λI)(H + λI)⁻¹`` (module docstring) in ``weight``'s dtype;
     needs ``stats.cross`` and ``stats.xtx``."""
     if stats.cross is None or stats.xtx is None:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from armor_vllm.checkpoint import (
+from armor_vllm.core.checkpoint import (
     ShardWriter,
     armor_model_config,
     copy_side_files,
@@ -35,11 +35,10 @@ from armor_vllm.checkpoint import (
     read_json,
     write_json,
 )
-from armor_vllm.factorization import reconstruct
-from armor_vllm.format import ArmorConfig, check_layer_block_size, encode_layer
+from armor_vllm.core.format import ArmorConfig, check_layer_block_size, encode_layer
 from armor_vllm.offline import report as report_mod
-from armor_vllm.offline.distributed import LocalExecutor, check_options, make_executor
 from armor_vllm.offline import targets as targets_mod
+from armor_vllm.offline.distributed import LocalExecutor, check_options, make_executor
 from armor_vllm.offline.layer_walk import (
     LayerInputs,
     StatsGroup,
@@ -94,7 +93,7 @@ def _validate(opts: OfflineOptions) -> None:
 def _calibration_samples(opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    from armor_vllm.calibration import load_texts, mixed_samples, token_samples
+    from armor_vllm.offline.calibration import load_texts, mixed_samples, token_samples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if opts.calib_data:
@@ -162,38 +161,48 @@ def _compress_layer(
             weights[name] = targets_mod.get_weight(layer, t)
             if group.stats is not None and group.stats.cross is not None:
                 dense = weights[name]
-                weights[name] = dense_output_target(dense, group.stats, float(method.options.get("damp", 0.01)),
-                                                    method.options.get("output_target_mix", DEFAULT_MIX))
+                weights[name] = dense_output_target(
+                    dense,
+                    group.stats,
+                    float(method.options.get("damp", 0.01)),
+                    method.options.get("output_target_mix", DEFAULT_MIX),
+                )
                 shifts[name] = relative_shift(weights[name], dense)
         jobs.append((weights, group.stats))
     outcomes = (executor or LocalExecutor()).compress_groups(method, jobs)
     for group, (weights, _), (results, group_seconds) in zip(groups, jobs, outcomes):
-        seconds = group_seconds / max(len(weights), 1)
+        seconds = group_seconds / max(len(weights), 1)  # the group's wall time, shared among its matrices
         for name in group.names:
             t = by_name[name]
             result = results[name]
             result.layer.bias = targets_mod.get_bias(layer, t)
             tensors.update(encode_layer(t.checkpoint, result.layer, out_dtype, wrappers=method.uses_wrappers))
-            w_hat = reconstruct(result.layer.wrapper_out, result.layer.core, result.layer.wrapper_in)
-            metric = {
-                **{k: float(v) for k, v in result.metrics.items()},
-                "layer": index,
-                "name": name,
-                "checkpoint": t.checkpoint,
-                "kind": t.kind,
-                "replaces": list(t.replaces),
-                "shape": list(weights[name].shape),
-                "proxy_loss": _relative_proxy_loss(weights[name], w_hat, group.stats),
-                "seconds": seconds,  # the group's wall time, shared among its matrices
-            }
+            metric = _metric(index, t, result, weights[name], group.stats, seconds, routing)
             if name in shifts:  # against the output-aware target (``output_target``), not the dense weight
                 metric["output_target_shift"] = shifts[name]
-            if t.kind == "expert" and routing is not None:
-                info = routing[t.module]
-                metric["routed_tokens"] = info["tokens"][t.expert]
-                metric["stats_fallback"] = t.expert in info["fell_back"]
             metrics.append(metric)
     return tensors, metrics
+
+
+def _metric(index: int, t: Target, result, weight: torch.Tensor, stats, seconds: float, routing) -> dict:
+    """What the report says of one compressed matrix."""
+    w_hat = result.layer.weight()
+    metric = {
+        **{k: float(v) for k, v in result.metrics.items()},
+        "layer": index,
+        "name": t.name,
+        "checkpoint": t.checkpoint,
+        "kind": t.kind,
+        "replaces": list(t.replaces),
+        "shape": list(weight.shape),
+        "proxy_loss": _relative_proxy_loss(weight, w_hat, stats),
+        "seconds": seconds,
+    }
+    if t.kind == "expert" and routing is not None:
+        info = routing[t.module]
+        metric["routed_tokens"] = info["tokens"][t.expert]
+        metric["stats_fallback"] = t.expert in info["fell_back"]
+    return metric
 
 
 def _check_targets(opts: OfflineOptions, method_cls) -> None:
@@ -236,8 +245,14 @@ def _distill(layer, targets, tensors, metrics, inputs, dense_out, opts: OfflineO
 
     if opts.method != "armor" or inputs is None:
         raise ValueError("--distill tunes ARMOR's wrappers and kept values: it needs --method armor")
-    settings = DistillOptions(**{k[len("distill_"):]: v for k, v in opts.method_options.items()
-                                 if k.startswith("distill_") and k != "distill_target"}, seed=opts.seed)
+    settings = DistillOptions(
+        **{
+            k[len("distill_") :]: v
+            for k, v in opts.method_options.items()
+            if k.startswith("distill_") and k != "distill_target"
+        },
+        seed=opts.seed,
+    )
     return distill_tensors(layer, targets, tensors, metrics, inputs, dense_out, opts.block_size, out_dtype, settings)
 
 
@@ -246,9 +261,10 @@ def _set_weights(layer: nn.Module, targets: list[Target], weights: dict[str, tor
         targets_mod.set_weight(layer, t, weights[t.name])
 
 
-def _rebuilt_from_tensors(targets: list[Target], tensors: dict[str, torch.Tensor], block_size: int,
-                          wrappers: bool = True) -> dict:
-    from armor_vllm.format import decode_layer
+def _rebuilt_from_tensors(
+    targets: list[Target], tensors: dict[str, torch.Tensor], block_size: int, wrappers: bool = True
+) -> dict:
+    from armor_vllm.core.format import decode_layer
 
     out = {}
     for t in targets:
@@ -256,19 +272,74 @@ def _rebuilt_from_tensors(targets: list[Target], tensors: dict[str, torch.Tensor
     return out
 
 
+@dataclass
+class _Run:
+    """The state of one offline run as the layer walk advances: the options (defaults resolved), where
+    it writes, what it compresses, and the calibration inputs of the current decoder layer (``inputs``:
+    through the compressed layers in sequential order; ``dense_inputs``: through the dense ones, kept
+    when an output-aware target or the distillation follows the dense model)."""
+
+    opts: OfflineOptions
+    model_dir: Path
+    output: Path
+    partial: Path
+    stream: LayerStream
+    plan: object  # targets.TargetPlan
+    method: object
+    out_dtype: torch.dtype
+    inputs: LayerInputs | None = None
+    dense_inputs: LayerInputs | None = None
+    calib_seconds: float = 0.0
+    metrics: list = field(default_factory=list)
+
+    @property
+    def work(self) -> Path:
+        return self.partial / WORK
+
+    @property
+    def output_aware(self) -> bool:
+        return self.opts.method_options.get("output_target") == "dense"
+
+    @property
+    def follows_dense(self) -> bool:
+        return self.output_aware or self.opts.method_options.get("distill_target") == "dense"
+
+
 def run_offline(opts: OfflineOptions) -> dict:
-    """Run the offline pass; returns the summary (also written into the report)."""
+    """Run the offline pass; returns the summary (also written into the report). The shape of
+    llm-compressor's sequential pipeline: calibrate once, then for every decoder layer one step
+    (statistics, compress, distill; or read back a finished layer) and propagate its inputs."""
+    t0 = time.perf_counter()
+    run = _start(opts)
+    _calibrate(run)
+    executor = make_executor(run.opts.workers, run.opts.ray_address)
+    try:
+        progress = tqdm(range(len(run.stream.layers)), desc=f"{run.opts.method} ({run.opts.order})", unit="layer")
+        for index in progress:
+            layer = run.stream.load_layer(index)
+            tensors, metrics, ahead, dense_next = _layer_step(run, index, layer, executor)
+            _propagate(run, index, layer, tensors, ahead, dense_next)
+            run.stream.release_layer(index)
+            run.metrics.extend(metrics)
+            losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
+            if losses:
+                progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+    finally:
+        executor.close()
+    return _finish(run, t0)
+
+
+def _start(opts: OfflineOptions) -> _Run:
+    """Validate everything that can fail before any work, resolve the defaults and the block size,
+    and create (or resume) ``OUTPUT.partial``."""
     from armor_vllm.models import resolve_model
 
     _validate(opts)
-    t0 = time.perf_counter()
     model_dir = resolve_model(opts.model)
     output = Path(opts.output)
     partial = output.with_name(output.name + ".partial")
-    work = partial / WORK
-    if output.exists():
-        if not opts.overwrite:
-            raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+    if output.exists() and not opts.overwrite:
+        raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
     _check_targets(opts, method_cls)
     opts = _with_armor_defaults(opts)
@@ -280,7 +351,14 @@ def run_offline(opts: OfflineOptions) -> dict:
     # same value resumes the same run.
     opts = replace(opts, block_size=plan.block_size)
     method = method_cls(block_size=opts.block_size, seed=opts.seed, **opts.method_options)
+    _resume_or_begin(opts, partial)
+    source_config = read_json(model_dir / "config.json")
+    out_dtype = getattr(torch, str(source_config.get("dtype") or source_config.get("torch_dtype") or "bfloat16"))
+    return _Run(opts, model_dir, output, partial, stream, plan, method, out_dtype)
 
+
+def _resume_or_begin(opts: OfflineOptions, partial: Path) -> None:
+    """Resume the unfinished run in ``partial`` when its options are these, refuse when they differ."""
     fingerprint = opts.fingerprint()
     run_file = partial / "run.json"
     if run_file.is_file():
@@ -291,93 +369,97 @@ def run_offline(opts: OfflineOptions) -> dict:
                 f"rerun with those options to resume it, or delete {partial} to start again"
             )
         print(f"resuming the unfinished run in {partial}")
-    work.mkdir(parents=True, exist_ok=True)
+    (partial / WORK).mkdir(parents=True, exist_ok=True)
     write_json(run_file, {"fingerprint": fingerprint, "options": asdict(opts)})
 
-    source_config = read_json(model_dir / "config.json")
-    out_dtype = getattr(torch, str(source_config.get("dtype") or source_config.get("torch_dtype") or "bfloat16"))
-    model, layers = stream.model, stream.layers
-    needs_stats = method_cls.name != "magnitude"
-    calib_seconds = 0.0
-    inputs: LayerInputs | None = None
-    if needs_stats:
+
+def _calibrate(run: _Run) -> None:
+    """The first decoder layer's calibration inputs (none for a method without statistics)."""
+    if run.method.name == "magnitude":
+        return
+    tc = time.perf_counter()
+    samples = _calibration_samples(run.opts, run.model_dir)
+    run.inputs = capture_layer_inputs(run.stream.model, samples)
+    run.dense_inputs = run.inputs if run.follows_dense else None
+    run.calib_seconds += time.perf_counter() - tc
+
+
+def _layer_step(run: _Run, index: int, layer: nn.Module, executor):
+    """One decoder layer: read it back when a previous run finished it, else measure its statistics,
+    compress its targets, distil them, and save it. Returns its checkpoint tensors and metrics, the
+    next layer's inputs when the step already computed them (distillation ran the layer as stored; in
+    dense order, the statistics pass ran the dense layer), and the dense model's next inputs."""
+    opts, targets = run.opts, run.plan.targets[index]
+    if _layer_file(run.work, index).is_file():
+        tensors, metrics = _load_layer(run.work, index)
+        return tensors, metrics, None, None
+    dense_out = dense_next = next_hidden = None
+    if run.inputs is not None:
         tc = time.perf_counter()
-        samples = _calibration_samples(opts, model_dir)
-        inputs = capture_layer_inputs(model, samples)
-        calib_seconds += time.perf_counter() - tc
-    # --output-target / --distill-target dense: also follow the dense model's own hidden states
-    output_aware = opts.method_options.get("output_target") == "dense"
-    follow_dense = output_aware or opts.method_options.get("distill_target") == "dense"
-    dense_inputs = inputs if follow_dense else None
+        measured = collect_layer_stats(
+            layer, run.inputs, targets, run.method.needs_full_hessian, run.dense_inputs if run.output_aware else None
+        )
+        groups, dense_out, routing, dense_next = (
+            measured.groups,
+            measured.outputs,
+            measured.routing,
+            measured.dense_outputs,
+        )
+        run.calib_seconds += time.perf_counter() - tc
+    else:
+        groups, routing = [StatsGroup(names=[t.name], stats=None) for t in targets], None
+    if run.dense_inputs is not None and dense_next is None:  # weights still dense here
+        dense_next = run_layer(layer, run.dense_inputs)
+    tensors, metrics = _compress_layer(
+        index, targets, layer, groups, run.method, run.out_dtype, opts.block_size, executor, routing
+    )
+    if opts.method_options.get("distill"):  # armor_vllm.offline.distill
+        to_match = dense_next if opts.method_options.get("distill_target") == "dense" else dense_out
+        tensors, metrics, next_hidden = _distill(
+            layer, targets, tensors, metrics, run.inputs, to_match, opts, run.out_dtype
+        )
+    _save_layer(run.work, index, tensors, metrics)
+    if opts.order == "sequential":
+        ahead = run.inputs.next(next_hidden) if next_hidden is not None else None
+    else:
+        ahead = dense_out
+    return tensors, metrics, ahead, dense_next
 
-    all_metrics: list[dict] = []
-    executor = make_executor(opts.workers, opts.ray_address)
-    try:
-        progress = tqdm(range(len(layers)), desc=f"{opts.method} ({opts.order})", unit="layer")
-        for index in progress:
-            layer = stream.load_layer(index)
-            targets = plan.targets[index]
-            dense_out = dense_next = next_hidden = None
-            if _layer_file(work, index).is_file():
-                tensors, metrics = _load_layer(work, index)
-            else:
-                if inputs is not None:
-                    tc = time.perf_counter()
-                    measured = collect_layer_stats(
-                        layer, inputs, targets, method.needs_full_hessian,  # per run: ARMOR's objective
-                        dense_inputs if output_aware else None,
-                    )
-                    groups, dense_out, routing, dense_next = (measured.groups, measured.outputs, measured.routing,
-                                                              measured.dense_outputs)
-                    calib_seconds += time.perf_counter() - tc
-                else:
-                    groups, routing = [StatsGroup(names=[t.name], stats=None) for t in targets], None
-                if dense_inputs is not None and dense_next is None:  # weights still dense here
-                    dense_next = run_layer(layer, dense_inputs)
-                tensors, metrics = _compress_layer(
-                    index, targets, layer, groups, method, out_dtype, opts.block_size, executor, routing
-                )
-                if opts.method_options.get("distill"):  # armor_vllm.offline.distill
-                    to_match = dense_next if opts.method_options.get("distill_target") == "dense" else dense_out
-                    tensors, metrics, next_hidden = _distill(layer, targets, tensors, metrics, inputs, to_match,
-                                                             opts, out_dtype)
-                _save_layer(work, index, tensors, metrics)
-            if dense_inputs is not None and dense_next is None:  # resumed layer: the dense path goes on
-                dense_next = run_layer(layer, dense_inputs)
-            if inputs is not None:  # the next layer's inputs
-                tc = time.perf_counter()
-                if opts.order == "sequential" and next_hidden is not None:
-                    # distillation already ran the layer with what the checkpoint holds
-                    inputs = inputs.next(next_hidden)
-                elif opts.order == "sequential":
-                    # From what the checkpoint holds (factors in out_dtype), the same whether this
-                    # layer was just compressed or read back on a resume: same bytes either way.
-                    _set_weights(layer, targets, _rebuilt_from_tensors(targets, tensors, opts.block_size, method.uses_wrappers))
-                    inputs = run_layer(layer, inputs)
-                else:
-                    inputs = dense_out if dense_out is not None else run_layer(layer, inputs)
-                dense_inputs = dense_next
-                calib_seconds += time.perf_counter() - tc
-            stream.release_layer(index)
-            all_metrics.extend(metrics)
-            losses = [m["proxy_loss"] for m in metrics if m.get("proxy_loss") is not None]
-            if losses:
-                progress.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-    finally:
-        executor.close()
-    del model, inputs, stream
 
-    summary = _assemble(opts, model_dir, partial, work, source_config, plan, all_metrics)
+def _propagate(run: _Run, index: int, layer: nn.Module, tensors, ahead, dense_next) -> None:
+    """The next decoder layer's inputs: in sequential order through this layer as the checkpoint holds
+    it (factors in the stored dtype: the same bytes whether it was just compressed or read back), in
+    dense order through the dense layer; and the dense model's own path when it is followed."""
+    if run.dense_inputs is not None and dense_next is None:  # read back: the dense path goes on
+        dense_next = run_layer(layer, run.dense_inputs)
+    if run.inputs is not None:
+        tc = time.perf_counter()
+        if ahead is not None:  # the step already ran the layer
+            run.inputs = ahead
+        elif run.opts.order == "sequential":
+            targets = run.plan.targets[index]
+            rebuilt = _rebuilt_from_tensors(targets, tensors, run.opts.block_size, run.method.uses_wrappers)
+            _set_weights(layer, targets, rebuilt)
+            run.inputs = run_layer(layer, run.inputs)
+        else:
+            run.inputs = run_layer(layer, run.inputs)
+        run.dense_inputs = dense_next
+        run.calib_seconds += time.perf_counter() - tc
+
+
+def _finish(run: _Run, t0: float) -> dict:
+    """Write the checkpoint and the report into ``OUTPUT.partial``, then rename it to ``OUTPUT``."""
+    source_config = read_json(run.model_dir / "config.json")
+    summary = _assemble(run.opts, run.model_dir, run.partial, run.work, source_config, run.plan, run.metrics)
     summary["seconds_total"] = time.perf_counter() - t0
-    summary["seconds_calibration"] = calib_seconds
+    summary["seconds_calibration"] = run.calib_seconds
     summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    report_mod.write_report(partial, summary, all_metrics)
-
-    shutil.rmtree(work)
-    run_file.unlink()
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(partial, output)
+    report_mod.write_report(run.partial, summary, run.metrics)
+    shutil.rmtree(run.work)
+    (run.partial / "run.json").unlink()
+    if run.output.exists():
+        shutil.rmtree(run.output)
+    os.replace(run.partial, run.output)
     return summary
 
 
@@ -412,8 +494,16 @@ def _assemble(opts, model_dir, partial, work, source_config, plan, metrics) -> d
         ignore=tuple(dict.fromkeys(ignore)),
         global_sparsity=round(pruned / max(total_params, 1), 6),
         wrappers=get_method(opts.method).uses_wrappers,  # plain 2:4 methods store no wrappers (format v2)
-        extra={"producer": {"name": "armor-vllm", "order": opts.order, "calib_samples": opts.calib_samples,
-                            "seq_len": opts.seq_len, "seed": opts.seed, **opts.method_options}},
+        extra={
+            "producer": {
+                "name": "armor-vllm",
+                "order": opts.order,
+                "calib_samples": opts.calib_samples,
+                "seq_len": opts.seq_len,
+                "seed": opts.seed,
+                **opts.method_options,
+            }
+        },
     )
     config = armor_model_config(source_config, qcfg)
     write_json(partial / "config.json", config)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from armor_vllm.checkpoint import write_json
+from armor_vllm.core.checkpoint import write_json
 
 REPORT_JSON = "armor_report.json"
 REPORT_PNG = "armor_report.png"
@@ -46,13 +46,19 @@ def plot_losses(path: Path, runs: dict[str, list[dict]], title: str = "") -> boo
             layers = sorted(by_layer)
             line = ax.plot(layers, [by_layer[i]["proxy_loss"] for i in layers], label=label)[0]
             if all("loss_start" in by_layer[i] for i in layers) and label.startswith("armor"):
-                ax.plot(layers, [by_layer[i]["loss_start"] for i in layers], "--",
-                        color=line.get_color(), alpha=0.6, label=f"{label} start (NoWag-P)")
+                ax.plot(
+                    layers,
+                    [by_layer[i]["loss_start"] for i in layers],
+                    "--",
+                    color=line.get_color(),
+                    alpha=0.6,
+                    label=f"{label} start (NoWag-P)",
+                )
         ax.set_title(name.split(".")[-1])
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("relative proxy loss")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     if title:

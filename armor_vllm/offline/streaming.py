@@ -3,7 +3,7 @@ outside the decoder layers (embeddings, final norm, rotary tables) are read at o
 layer is read from the safetensors shards only while the offline pass works on it. Peak memory is
 the small parts plus one layer, whatever the model's size.
 
-Tensors are read through transformers' own checkpoint conversion (``armor_vllm.hf_keys``), so a
+Tensors are read through transformers' own checkpoint conversion (``armor_vllm.hf.keys``), so a
 layer is built exactly as ``from_pretrained`` builds it (renamed modules, per-expert checkpoint
 tensors merged into 3-D expert parameters). Buffers that no checkpoint holds (rotary frequencies,
 Gemma's ``embed_scale``) are computed on the CPU by the model's own weight initialisation, as
@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from armor_vllm.checkpoint import shard_files
-from armor_vllm.hf_keys import CheckpointKeys, CheckpointLayoutError
+from armor_vllm.core.checkpoint import shard_files
+from armor_vllm.hf.keys import CheckpointKeys, CheckpointLayoutError
 from armor_vllm.offline.layer_walk import decoder_layers
 
 
@@ -37,7 +37,9 @@ class LayerStream:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
         except ValueError as exc:  # transformers: no causal-LM class for this config
-            raise ValueError(f"{model_dir}: transformers cannot build a causal LM from its config.json ({exc})") from None
+            raise ValueError(
+                f"{model_dir}: transformers cannot build a causal LM from its config.json ({exc})"
+            ) from None
         self.config = config
         self.layers = decoder_layers(self.model)
         self.layer_prefix = next(n for n, m in self.model.named_modules() if m is self.layers)
@@ -79,8 +81,11 @@ class LayerStream:
         """The checkpoint-backed parameters and persistent buffers of ``module`` (own, not children)."""
         names = [f"{module_prefix}{n}" for n in module._parameters if module._parameters[n] is not None]
         names += [
-            f"{module_prefix}{n}" for n, b in module._buffers.items()
-            if b is not None and n not in module._non_persistent_buffers_set and f"{module_prefix}{n}" in self.keys.sources
+            f"{module_prefix}{n}"
+            for n, b in module._buffers.items()
+            if b is not None
+            and n not in module._non_persistent_buffers_set
+            and f"{module_prefix}{n}" in self.keys.sources
         ]
         return names
 
@@ -108,7 +113,13 @@ class LayerStream:
             return
         for n in meta:
             buf = module._buffers[n]
-            fill = float("nan") if buf.is_floating_point() else torch.iinfo(buf.dtype).min if buf.dtype != torch.bool else False
+            fill = (
+                float("nan")
+                if buf.is_floating_point()
+                else torch.iinfo(buf.dtype).min
+                if buf.dtype != torch.bool
+                else False
+            )
             module._buffers[n] = torch.full(buf.shape, fill, dtype=buf.dtype, device="cpu")
         for param in module.parameters(recurse=False):
             param._is_hf_initialized = True  # loaded from the checkpoint: never re-initialised

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from armor_vllm.format import matches_module
+from armor_vllm.core.format import matches_module
 from armor_vllm.offline import experts as moe
 
 
@@ -36,13 +36,20 @@ def _thirds(config) -> tuple[int, ...]:
 
 
 # Architectures (config.json ``model_type``) the offline pass and the plugin are tested with
-# (tests/test_architectures.py), each with the projections its checkpoints store fused that vLLM
+# (tests/serving/test_architectures.py), each with the projections its checkpoints store fused that vLLM
 # splits again: the name's last component -> the output partition sizes vLLM uses.
 ARCHITECTURES: dict[str, dict] = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma2": {}, "gemma3_text": {}, "opt": {},
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "opt": {},
     "phi3": {"qkv_proj": _qkv_parts, "gate_up_proj": _halves},
     "gpt2": {"c_attn": _thirds},
-    "qwen3_moe": {}, "mixtral": {},
+    "qwen3_moe": {},
+    "mixtral": {},
 }
 # Checkpoint projections that vLLM fuses into one layer: --ignore must take all of them or none.
 VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -73,7 +80,7 @@ class Dense:
 
 
 @dataclass
-class Plan:
+class TargetPlan:
     targets: list[list[Target]]  # per decoder layer
     dense: list[Dense]
     model_type: str
@@ -104,7 +111,9 @@ def _linear_target(keys, layer_prefix: str, name: str, module: nn.Module, fused:
     full = f"{layer_prefix}.{name}"
     key = keys.checkpoint_name(f"{full}.weight")
     if key is None:
-        raise UnsupportedModel(f"{full}: its weight is built from several checkpoint tensors by transformers' conversion")
+        raise UnsupportedModel(
+            f"{full}: its weight is built from several checkpoint tensors by transformers' conversion"
+        )
     prefix = _strip(key, "weight", full)
     replaces = [key]
     bias = getattr(module, "bias", None)
@@ -119,8 +128,16 @@ def _linear_target(keys, layer_prefix: str, name: str, module: nn.Module, fused:
     parts = tuple(fused[last](config)) if last in fused else None
     if parts is not None and sum(parts) != shape[0]:
         raise UnsupportedModel(f"{prefix}: a fused matrix of {shape[0]} rows, but vLLM splits it into {list(parts)}")
-    return Target(name=name, checkpoint=prefix, replaces=tuple(replaces), kind=_kind(module), module=name,
-                  shape=shape, parts=parts, has_bias=bias is not None)
+    return Target(
+        name=name,
+        checkpoint=prefix,
+        replaces=tuple(replaces),
+        kind=_kind(module),
+        module=name,
+        shape=shape,
+        parts=parts,
+        has_bias=bias is not None,
+    )
 
 
 def _expert_targets(keys, layer_prefix: str, name: str, module: nn.Module) -> list[Target]:
@@ -143,19 +160,32 @@ def _expert_targets(keys, layer_prefix: str, name: str, module: nn.Module) -> li
             found = source.by_pattern.get(pattern, [])
             numbers = [k.split(".")[-3] for k in found]
             if numbers != [str(e) for e in range(n)]:
-                raise UnsupportedModel(f"{full}.{param}: expected one checkpoint tensor per expert 0..{n - 1}, got {found[:3]}...")
+                raise UnsupportedModel(
+                    f"{full}.{param}: expected one checkpoint tensor per expert 0..{n - 1}, got {found[:3]}..."
+                )
             per_part[part] = found
-    rows = {"gate": module.gate_up_proj.shape[1] // 2, "up": module.gate_up_proj.shape[1] // 2,
-            "down": module.down_proj.shape[1]}
+    rows = {
+        "gate": module.gate_up_proj.shape[1] // 2,
+        "up": module.gate_up_proj.shape[1] // 2,
+        "down": module.down_proj.shape[1],
+    }
     cols = {"gate": module.gate_up_proj.shape[2], "up": module.gate_up_proj.shape[2], "down": module.down_proj.shape[2]}
     targets = []
     for e in range(n):
         for part in moe.PARTS:
             key = per_part[part][e]
-            targets.append(Target(
-                name=f"{name}.{e}.{part}", checkpoint=_strip(key, "weight", full), replaces=(key,), kind="expert",
-                module=name, shape=(rows[part], cols[part]), expert=e, part=part,
-            ))
+            targets.append(
+                Target(
+                    name=f"{name}.{e}.{part}",
+                    checkpoint=_strip(key, "weight", full),
+                    replaces=(key,),
+                    kind="expert",
+                    module=name,
+                    shape=(rows[part], cols[part]),
+                    expert=e,
+                    part=part,
+                )
+            )
     return targets
 
 
@@ -200,21 +230,27 @@ def choose_block_size(per_layer: list[list[Target]], candidates: tuple[int, ...]
     dims: dict[int, str] = {}
     for targets in per_layer:
         for t in targets:
-            for d, what in ((t.shape[0], "rows"), (t.shape[1], "columns"), *((r, "rows of a part") for r in t.parts or ())):
+            for d, what in (
+                (t.shape[0], "rows"),
+                (t.shape[1], "columns"),
+                *((r, "rows of a part") for r in t.parts or ()),
+            ):
                 dims.setdefault(d, f"{t.checkpoint} ({d} {what})")
     for bs in candidates:
         if all(d % bs == 0 for d in dims):
             return bs
     stuck = next(where for d, where in dims.items() if all(d % bs for bs in candidates))
-    raise UnsupportedModel(f"--block-size auto: none of {list(candidates)} divides {stuck}; pass --block-size N "
-                           f"with N a multiple of 4 dividing every compressed layer, or --ignore that layer")
+    raise UnsupportedModel(
+        f"--block-size auto: none of {list(candidates)} divides {stuck}; pass --block-size N "
+        f"with N a multiple of 4 dividing every compressed layer, or --ignore that layer"
+    )
 
 
-def plan(stream, ignore: list[str], block_size: int | str) -> Plan:
+def plan(stream, ignore: list[str], block_size: int | str) -> TargetPlan:
     """Every compression target of every decoder layer and every linear-like projection left dense;
     refuses what cannot be handled, before any work. ``block_size="auto"`` picks the largest of
     ``AUTO_BLOCK_SIZES`` that fits every target."""
-    from armor_vllm.format import check_layer_block_size
+    from armor_vllm.core.format import check_layer_block_size
 
     config = stream.config
     model_type = check_architecture(stream.model_dir, config)
@@ -243,7 +279,7 @@ def plan(stream, ignore: list[str], block_size: int | str) -> Plan:
                 flags = [ignored(t.checkpoint, f"{layer_prefix}.{t.name}", f"{layer_prefix}.{name}") for t in found]
                 if any(flags) and not all(flags):
                     raise UnsupportedModel(
-                        f"--ignore leaves some experts of {container} dense: vLLM runs all experts of a MoE block as one "
+                        f"--ignore leaves some experts of {container} dense: vLLM runs all experts of a MoE block as one "  # noqa: E501
                         f"layer; ignore all of them ({container}) or none"
                     )
                 if all(flags):
@@ -267,7 +303,7 @@ def plan(stream, ignore: list[str], block_size: int | str) -> Plan:
             elif own:
                 raise UnsupportedModel(
                     f"{layer_prefix}.{name} ({type(module).__name__}) holds the {own[0][1].dim()}-D weight "
-                    f"{own[0][0]} {tuple(own[0][1].shape)}, which the offline pass can neither compress nor record as dense"
+                    f"{own[0][0]} {tuple(own[0][1].shape)}, which the offline pass can neither compress nor record as dense"  # noqa: E501
                 )
         _check_vllm_fused_groups(layer_prefix, targets, dense)
         per_layer.append(targets)
@@ -294,7 +330,7 @@ def plan(stream, ignore: list[str], block_size: int | str) -> Plan:
     unused = [p for p in ignore if p not in used_patterns]
     if unused:
         raise UnsupportedModel(f"--ignore {unused}: matches no compressible projection of {stream.model_dir}")
-    return Plan(targets=per_layer, dense=dense, model_type=model_type, block_size=block_size)
+    return TargetPlan(targets=per_layer, dense=dense, model_type=model_type, block_size=block_size)
 
 
 def _check_vllm_fused_groups(layer_prefix: str, targets: list[Target], dense: list[Dense]) -> None:
@@ -311,7 +347,7 @@ def _check_vllm_fused_groups(layer_prefix: str, targets: list[Target], dense: li
             if len(set(states.values())) > 1:
                 raise UnsupportedModel(
                     f"--ignore leaves {sorted(k for k, v in states.items() if not v)} of {head} dense but not "
-                    f"{sorted(k for k, v in states.items() if v)}: vLLM fuses {list(group)} into one layer; ignore all or none"
+                    f"{sorted(k for k, v in states.items() if v)}: vLLM fuses {list(group)} into one layer; ignore all or none"  # noqa: E501
                 )
 
 
@@ -349,5 +385,3 @@ def set_weight(layer: nn.Module, target: Target, weight: torch.Tensor) -> None:
         module.weight.copy_(weight.T.to(module.weight.dtype))
     else:
         module.weight.copy_(weight.to(module.weight.dtype))
-
-

@@ -1,7 +1,7 @@
 """On ``PYTHONPATH`` only for the vLLM tests that run the CUDA kernel class on CPU: puts the CPU
-stand-ins of cuSPARSELt and CUTLASS (``armor_vllm.kernels.standin``) in place in every Python process
+stand-ins of cuSPARSELt and CUTLASS (``standin``) in place in every Python process
 that starts, so vLLM's engine and worker processes serve through them too."""
 
-from armor_vllm.kernels import standin
+import standin
 
 standin.install()

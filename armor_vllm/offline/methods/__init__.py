@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
 from armor_vllm.offline.methods.armor import Armor
+from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
 from armor_vllm.offline.methods.magnitude import Magnitude
 from armor_vllm.offline.methods.nowag import NoWag
 from armor_vllm.offline.methods.sparsegpt import SparseGPT

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from armor_vllm.format import ArmorLayer
+from armor_vllm.core.format import ArmorLayer
 
 
 @dataclass
@@ -87,7 +87,5 @@ class CompressionMethod(ABC):
         self.options = options
 
     @abstractmethod
-    def compress(
-        self, weights: dict[str, torch.Tensor], stats: InputStats
-    ) -> dict[str, LayerResult]:
+    def compress(self, weights: dict[str, torch.Tensor], stats: InputStats) -> dict[str, LayerResult]:
         """Compress every ``(d_out, d_in)`` float32 weight of ``weights`` (all share ``stats``)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from armor_vllm.factorization import identity_blocks, mask_from_scores
-from armor_vllm.format import ArmorLayer
+from armor_vllm.core.factorization import identity_blocks, mask_from_scores
+from armor_vllm.core.format import ArmorLayer
 from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
 
 

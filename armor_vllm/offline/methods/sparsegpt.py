@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from armor_vllm.factorization import GROUP, mask_from_scores
-from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult, resolve_device
+from armor_vllm.core.factorization import GROUP, mask_from_scores
+from armor_vllm.offline.methods.base import (
+    CompressionMethod,
+    InputStats,
+    LayerResult,
+    resolve_device,
+)
 from armor_vllm.offline.methods.magnitude import plain_24_layer
 from armor_vllm.offline.objective import relative_proxy_loss
 
@@ -98,12 +103,16 @@ class SparseGPT(CompressionMethod):
 
             def relative(hess):
                 return float(torch.einsum("ij,jk,ik->", diff, hess, diff)) / max(
-                    float(torch.einsum("ij,jk,ik->", weight.double(), hess, weight.double())), 1e-30)
+                    float(torch.einsum("ij,jk,ik->", weight.double(), hess, weight.double())), 1e-30
+                )
 
             results[name] = LayerResult(
                 plain_24_layer(pruned.cpu(), keep.cpu(), self.block_size),
-                {"loss_end": relative_proxy_loss(pruned, weight, h), "hessian_loss": relative(hessian),
-                 # on the damped H its updates are exact for (ARMOR's full objective reports this one)
-                 "hessian_loss_damped": relative(damped_hessian(hessian, damp)[0])},
+                {
+                    "loss_end": relative_proxy_loss(pruned, weight, h),
+                    "hessian_loss": relative(hessian),
+                    # on the damped H its updates are exact for (ARMOR's full objective reports this one)
+                    "hessian_loss_damped": relative(damped_hessian(hessian, damp)[0]),
+                },
             )
         return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from armor_vllm.factorization import mask_from_scores
+from armor_vllm.core.factorization import mask_from_scores
 from armor_vllm.offline.methods.base import CompressionMethod, InputStats, LayerResult
 from armor_vllm.offline.methods.magnitude import plain_24_layer
 

@@ -1,0 +1,47 @@
+"""Every environment variable armor-vllm reads, in one place (as vLLM's ``vllm/envs.py``).
+
+All names share the prefix ``ARMOR_VLLM_``. The older names ``ARMOR_WRAPPER`` and
+``ARMOR_DENSE_BELOW`` are still read, with a deprecation warning. Imports nothing heavy: the
+kernels and the vLLM plugin (in every vLLM process) read these.
+
+================================  ============================================================
+name                              meaning
+================================  ============================================================
+``ARMOR_VLLM_KERNEL``             execution kernel of the vLLM plugin (``auto``, ``folded``, ...)
+``ARMOR_VLLM_KERNEL_REPORT``      file every vLLM worker appends one JSON line per layer to
+``ARMOR_VLLM_WRAPPER``            wrapper implementation of the factored kernel (``bmm``, ``triton``, ``auto``)
+``ARMOR_VLLM_DENSE_BELOW``        token count up to which a kept dense copy serves (0: never keep one)
+================================  ============================================================
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+KERNEL = "ARMOR_VLLM_KERNEL"
+KERNEL_REPORT = "ARMOR_VLLM_KERNEL_REPORT"
+WRAPPER = "ARMOR_VLLM_WRAPPER"
+DENSE_BELOW = "ARMOR_VLLM_DENSE_BELOW"
+DEPRECATED = {WRAPPER: "ARMOR_WRAPPER", DENSE_BELOW: "ARMOR_DENSE_BELOW"}  # new name -> old name
+
+
+def get(name: str) -> str | None:
+    """The value of ``name``, or of its deprecated older name (with a warning); None when unset or empty."""
+    value = os.environ.get(name)
+    if value in (None, "") and name in DEPRECATED:
+        old = DEPRECATED[name]
+        value = os.environ.get(old)
+        if value not in (None, ""):
+            warnings.warn(f"${old} is deprecated; use ${name}", DeprecationWarning, stacklevel=2)
+    return None if value in (None, "") else value
+
+
+def get_int(name: str) -> int | None:
+    value = get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${name}={value!r} is not an integer") from None

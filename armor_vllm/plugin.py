@@ -1,6 +1,0 @@
-"""vLLM general-plugin entry point (``vllm.general_plugins``): vLLM calls ``register`` in the API
-server, engine and worker processes, which registers the ``armor`` quantization method."""
-
-
-def register() -> None:
-    import armor_vllm.vllm_quant  # noqa: F401  (the decorator registers the method)
