@@ -30,17 +30,19 @@ DATA_WINDOWS = 32  # windows per --data text by default
 
 def data_windows(model_dir: Path, data: str, seq_len: int, max_windows: int = DATA_WINDOWS) -> torch.Tensor:
     """Windows of one ``--data`` text (a file or a source name), spread evenly over it; a text
-    shorter than ``max_windows`` windows gives as many as it holds."""
+    shorter than ``max_windows`` windows gives as many as it holds. Each window begins as the
+    tokenizer begins a sequence (its BOS, where it adds one)."""
     from transformers import AutoTokenizer
 
-    from armor_vllm.offline.calibration import load_texts, spread_windows, token_stream
+    from armor_vllm.offline.calibration import load_texts, sequence_start, spread_windows, token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    start = sequence_start(tokenizer)
     stream = token_stream(tokenizer, load_texts([data]))
-    n = min(max_windows, stream.numel() // seq_len)
+    n = min(max_windows, stream.numel() // (seq_len - len(start)))
     if n == 0:
         raise ValueError(f"--data {data}: shorter ({stream.numel()} tokens) than one window of --seq-len {seq_len}")
-    return spread_windows(stream, n, seq_len, f"--data {data}")
+    return spread_windows(stream, n, seq_len, f"--data {data}", start)
 
 
 def data_name(data: str) -> str:
@@ -49,18 +51,18 @@ def data_name(data: str) -> str:
 
 
 def eval_windows(model_dir: Path, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """Consecutive windows of the built-in evaluation split, each beginning as the tokenizer begins a
+    sequence."""
     from transformers import AutoTokenizer
 
-    from armor_vllm.offline.calibration import default_texts, token_stream
+    from armor_vllm.offline.calibration import default_texts, first_windows, sequence_start, token_stream
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream(tokenizer, default_texts("evaluation"))
-    n = stream.numel() // seq_len
-    if max_windows:
-        n = min(n, max_windows)
-    if n == 0:
+    windows = first_windows(stream, max_windows or None, seq_len, sequence_start(tokenizer))
+    if windows.shape[0] == 0:
         raise ValueError(f"--seq-len {seq_len} is longer than the evaluation text ({stream.numel()} tokens)")
-    return stream[: n * seq_len].reshape(n, seq_len)
+    return windows
 
 
 @torch.no_grad()

@@ -51,13 +51,12 @@ def worker(model_dir: str, batch: int, prompt_len: int, out_len: int, ttft_reps:
     from vllm import SamplingParams, TokensPrompt
 
     from armor_vllm.eval import make_llm
-    from armor_vllm.offline.calibration import default_texts, token_stream
+    from armor_vllm.offline.calibration import default_texts, first_windows, sequence_start, token_stream
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     stream = token_stream(tok, default_texts("evaluation"))
-    prompts = [
-        TokensPrompt(prompt_token_ids=stream[i * prompt_len : (i + 1) * prompt_len].tolist()) for i in range(batch)
-    ]
+    windows = first_windows(stream, batch, prompt_len, sequence_start(tok))
+    prompts = [TokensPrompt(prompt_token_ids=w.tolist()) for w in windows]
     t = time.perf_counter()
     llm = make_llm(
         model_dir,

@@ -20,9 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from armor_vllm.models import default_model_dir
-from armor_vllm.offline.calibration import mixed_samples, source_texts, spread_windows, token_stream
+from armor_vllm.offline.calibration import mixed_samples, sequence_start, source_texts, spread_windows, token_stream
 from armor_vllm.offline.distill import DistillOptions, distill_layer
-from armor_vllm.offline.methods.armor.diag import Armor
+from armor_vllm.offline.methods.armor import Armor
 from armor_vllm.offline.methods.base import InputStats
 
 torch.set_num_threads(1)
@@ -62,7 +62,7 @@ def capture(samples):
 cal, _ = mixed_samples(tok, n_cal, 512)
 batches = {"calib": capture(cal)}
 for src in ("fortunes", "devil"):
-    batches[src] = capture(spread_windows(token_stream(tok, source_texts(src)), 8, 512))
+    batches[src] = capture(spread_windows(token_stream(tok, source_texts(src)), 8, 512, start=sequence_start(tok)))
 
 
 def out(b, w=None):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from armor_vllm.models import default_model_dir
-from armor_vllm.offline.calibration import mixed_samples, source_texts, spread_windows, token_stream
+from armor_vllm.offline.calibration import mixed_samples, sequence_start, source_texts, spread_windows, token_stream
 
 torch.set_num_threads(1)
 want = [int(x) for x in sys.argv[1].split(",")]
@@ -31,7 +31,7 @@ tok = AutoTokenizer.from_pretrained(md)
 if source == "mix":
     samples, _ = mixed_samples(tok, n, seq_len)
 else:
-    samples = spread_windows(token_stream(tok, source_texts(source)), n, seq_len)
+    samples = spread_windows(token_stream(tok, source_texts(source)), n, seq_len, start=sequence_start(tok))
 model = AutoModelForCausalLM.from_pretrained(md, dtype=torch.float32).eval()
 groups = {
     "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj": "self_attn.q_proj",

@@ -226,7 +226,8 @@ def load_texts(paths: list[str | Path]) -> list[str]:
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All documents tokenized and joined with the end-of-sequence token, as one 1-D tensor."""
+    """All documents tokenized and joined with the end-of-sequence token, as one 1-D tensor (no
+    special tokens inside: windows cut from it get the tokenizer's sequence start, ``cut_windows``)."""
     sep = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
@@ -236,33 +237,76 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def spread_windows(stream: torch.Tensor, n_windows: int, seq_len: int, what: str = "the text") -> torch.Tensor:
+def sequence_start(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when it starts a sequence: its beginning-of-sequence
+    token for Llama, Gemma, Mistral, ... (models use it as their attention sink), nothing for
+    tokenizers that add none (SmolLM2, Qwen). Every window this project builds starts with them, so
+    calibration statistics and perplexities come from inputs shaped as the model sees them in use."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
+def cut_windows(stream: torch.Tensor, offsets: list[int], seq_len: int, start: list[int] = ()) -> torch.Tensor:
+    """``(len(offsets), seq_len)`` windows: ``start`` (the sequence start) then ``seq_len - len(start)``
+    tokens of ``stream`` from each offset."""
+    body = seq_len - len(start)
+    prefix = torch.tensor(list(start), dtype=torch.long)
+    return torch.stack([torch.cat([prefix, stream[o : o + body]]) for o in offsets])
+
+
+def _body(seq_len: int, start: list[int]) -> int:
+    body = seq_len - len(start)
+    if body <= 0:
+        raise ValueError(f"a window of {seq_len} tokens leaves no room after the {len(start)}-token sequence start")
+    return body
+
+
+def spread_windows(
+    stream: torch.Tensor, n_windows: int, seq_len: int, what: str = "the text", start: list[int] = ()
+) -> torch.Tensor:
     """``(n_windows, seq_len)`` non-overlapping windows spread evenly over ``stream`` (from its start
-    when they fill it), so a long text is sampled throughout rather than only at its beginning."""
+    when they fill it), so a long text is sampled throughout rather than only at its beginning; each
+    begins with ``start`` (``sequence_start`` of the tokenizer)."""
     if n_windows <= 0 or seq_len <= 0:
         raise ValueError(f"the number of windows ({n_windows}) and their length ({seq_len}) must be positive")
-    available = stream.numel() // seq_len
+    body = _body(seq_len, start)
+    available = stream.numel() // body
     if available < n_windows:
         raise ValueError(
             f"{what} holds {stream.numel()} tokens: enough for {available} windows of {seq_len} "
             f"tokens, not {n_windows}; lower one of them or add text"
         )
-    starts = [(i * available // n_windows) * seq_len for i in range(n_windows)]
-    return torch.stack([stream[s : s + seq_len] for s in starts])
+    return cut_windows(stream, [(i * available // n_windows) * body for i in range(n_windows)], seq_len, start)
+
+
+def first_windows(stream: torch.Tensor, n_windows: int | None, seq_len: int, start: list[int] = ()) -> torch.Tensor:
+    """Consecutive windows from the beginning of ``stream`` (as many as it holds, at most
+    ``n_windows``), each beginning with ``start``."""
+    body = _body(seq_len, start)
+    n = stream.numel() // body if n_windows is None else min(n_windows, stream.numel() // body)
+    if n == 0:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    return cut_windows(stream, [i * body for i in range(n)], seq_len, start)
 
 
 def token_samples(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> torch.Tensor:
-    """``(n_samples, seq_len)`` non-overlapping windows taken from the start of the token stream."""
+    """``(n_samples, seq_len)`` non-overlapping windows taken from the start of the token stream,
+    each beginning as the tokenizer begins a sequence."""
     if n_samples <= 0 or seq_len <= 0:
         raise ValueError(f"--calib-samples ({n_samples}) and --seq-len ({seq_len}) must be positive")
     stream = token_stream(tokenizer, texts)
-    available = stream.numel() // seq_len
+    start = sequence_start(tokenizer)
+    available = stream.numel() // _body(seq_len, start)
     if available < n_samples:
         raise ValueError(
             f"the calibration text holds {stream.numel()} tokens: enough for {available} samples of "
             f"{seq_len} tokens, not --calib-samples {n_samples}; lower one of them or add text"
         )
-    return stream[: n_samples * seq_len].reshape(n_samples, seq_len)
+    return first_windows(stream, n_samples, seq_len, start)
 
 
 def mixed_samples(
@@ -283,8 +327,9 @@ def mixed_samples(
         raise MissingSource(f"none of the default calibration sources {list(sources)} is installed")
     names = list(streams)
     counts = {name: len(range(i, n_samples, len(names))) for i, name in enumerate(names)}
+    start = sequence_start(tokenizer)
     windows = {
-        name: spread_windows(streams[name], counts[name], seq_len, f"calibration source {name!r}")
+        name: spread_windows(streams[name], counts[name], seq_len, f"calibration source {name!r}", start)
         for name in names
         if counts[name]
     }

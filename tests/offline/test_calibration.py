@@ -144,3 +144,57 @@ def test_eval_data_reports_each_text(default_model_dir, tmp_path, capsys):
     assert story["hf"]["perplexity"] < result["texts"]["builtin"]["hf"]["perplexity"]  # repetitive text is easy
     assert main(["--model", str(default_model_dir), "--backend", "hf", "--data", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+# -- every window starts as the tokenizer starts a sequence (its BOS, where it adds one) ------------
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(default_model_dir):
+    """The embedded model's tokenizer made to add a beginning-of-sequence token, as Llama, Gemma and
+    Mistral tokenizers do (the embedded SmolLM2 tokenizer adds none)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tok.bos_token = "<|endoftext|>"
+    assert tok("hello")["input_ids"][0] == bos and tok("hello", add_special_tokens=False)["input_ids"][0] != bos
+    return tok
+
+
+def test_sequence_start_is_the_bos_of_tokenizers_that_add_one(bos_tokenizer, default_model_dir):
+    from transformers import AutoTokenizer
+
+    assert calibration.sequence_start(bos_tokenizer) == [bos_tokenizer.bos_token_id]
+    assert calibration.sequence_start(AutoTokenizer.from_pretrained(default_model_dir)) == []
+
+
+def test_calibration_windows_start_with_bos(bos_tokenizer, monkeypatch):
+    fake_sources(monkeypatch)
+    bos = bos_tokenizer.bos_token_id
+    samples, _ = mixed_samples(bos_tokenizer, 8, 32)
+    assert samples.shape == (8, 32) and (samples[:, 0] == bos).all()
+    assert not (samples[:, 1:] == bos).all(dim=1).any()  # the text follows, not more BOS
+    texts = ["one two three four five six seven eight nine ten " * 40]
+    windows = calibration.token_samples(bos_tokenizer, texts, 4, 16)
+    assert windows.shape == (4, 16) and (windows[:, 0] == bos).all()
+    # consecutive windows continue the text where the previous one stopped (15 text tokens each)
+    stream = calibration.token_stream(bos_tokenizer, texts)
+    assert torch.equal(windows[:, 1:].reshape(-1), stream[: 4 * 15])
+
+
+def test_evaluation_windows_start_with_bos(bos_tokenizer, tmp_path, monkeypatch):
+    from armor_vllm import eval as ev
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: bos_tokenizer)
+    builtin = ev.eval_windows(tmp_path, 64, 3)
+    text = tmp_path / "t.txt"
+    text.write_text("Some held-out English prose, repeated. " * 200)
+    data = ev.data_windows(tmp_path, str(text), 64, 5)
+    bos = bos_tokenizer.bos_token_id
+    for windows, n in ((builtin, 3), (data, 5)):
+        assert windows.shape == (n, 64) and (windows[:, 0] == bos).all()
