@@ -1,0 +1,189 @@
+"""The CPU 2:4 kernel (``armor_vllm.kernels.cpu_sparse``) against the reference maths: ``F.linear`` on
+the dense core for the plain core, ``factored_linear`` for ARMOR layers. Every vector path the CPU
+has is forced through ``ARMOR_CPU_ISA``; the file skips when the extension cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from armor_vllm.core.factorization import factored_linear, mask_from_scores
+except ImportError:  # before the package regrouping
+    from armor_vllm.factorization import factored_linear, mask_from_scores
+
+from armor_vllm.kernels import cpu_sparse
+
+if not cpu_sparse.available():
+    pytest.skip("the CPU 2:4 extension cannot be built here (no compiler or headers)", allow_module_level=True)
+
+BEST = cpu_sparse.isa()
+_ORDER = ["scalar", "avx2", "avx512", "avx512bf16"]
+ISAS = [
+    pytest.param(
+        name, marks=pytest.mark.skipif(_ORDER.index(name) > _ORDER.index(BEST), reason=f"this CPU has {BEST} at most")
+    )
+    for name in _ORDER
+]
+TOKENS = list(range(1, 18)) + [64, 130]  # 130: the decompress + dense GEMM path
+
+
+def random_core(n: int, k: int, seed: int = 0, sparser: bool = False) -> torch.Tensor:
+    """A random 2:4 core; ``sparser`` also zeroes some kept values (groups with 0 or 1 non-zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    w = w * mask_from_scores(torch.rand(n, k, generator=gen))
+    if sparser:
+        w = w * (torch.rand(n, k, generator=gen) > 0.3)
+    return w
+
+
+def reference(x: torch.Tensor, core: torch.Tensor, dtype: torch.dtype, bias=None) -> torch.Tensor:
+    """fp64 maths on the storage-rounded weights and the given x (an independent computation)."""
+    w = core.to(dtype).double()
+    return F.linear(x.double(), w, None if bias is None else bias.double())
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, x_dtype: torch.dtype):
+    assert y.dtype == x_dtype
+    scale = ref.abs().max().item() + 1e-30
+    if x_dtype == torch.float32:
+        tol = 1e-5  # fp32 accumulation vs fp64
+        err = (y.double() - ref).abs().max().item() / scale
+    else:  # output rounded to bf16: at most ~1 bf16 rounding of the exact result
+        tol = 1e-2
+        err = ((y.double() - ref).abs() / (ref.abs() + 1e-3 * scale)).max().item()
+    assert err < tol, f"relative error {err:.3g} >= {tol}"
+
+
+@pytest.fixture
+def isa_env(monkeypatch):
+    def force(name):
+        monkeypatch.setenv("ARMOR_CPU_ISA", name)
+        assert cpu_sparse.isa() == name
+
+    return force
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(37, 8), (16, 4), (50, 36), (129, 100), (64, 264)])
+def test_pack_roundtrip(n, k, storage):
+    core = random_core(n, k, seed=n + k, sparser=True)
+    packed = cpu_sparse.pack(core, storage)
+    assert packed.values.dtype == storage and packed.meta.dtype == torch.int32
+    assert packed.values.numel() == -(-n // 16) * 16 * k // 2  # the kept half, N padded to 16
+    torch.testing.assert_close(cpu_sparse.unpack(packed), core.to(storage), rtol=0, atol=0)
+
+
+def test_pack_rejects_dense_groups():
+    core = random_core(20, 16)
+    core[7, 4:8] = 1.0
+    with pytest.raises(RuntimeError, match="not 2:4"):
+        cpu_sparse.pack(core)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "storage,x_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("n,k", [(37, 8), (50, 36), (129, 300)])
+def test_matches_reference_every_token_count(isa, storage, x_dtype, n, k, isa_env):
+    isa_env(isa)
+    core = random_core(n, k, seed=3 * n + k, sparser=(n == 50))
+    packed = cpu_sparse.pack(core, storage)
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randn(n, generator=gen)
+    for tokens in TOKENS:
+        x = torch.randn(tokens, k, generator=gen).to(x_dtype)
+        for b in (None, bias.to(x_dtype)):  # a bias in the model's dtype, as vLLM holds it
+            y = cpu_sparse.sparse24_linear(x, packed, b)
+            assert y.shape == (tokens, n)
+            assert_close(y, reference(x, core, storage, b), x_dtype)
+
+
+def test_kernel_can_fail():
+    """The comparison sees a wrong weight: one changed kept value changes the output."""
+    core = random_core(32, 16)
+    packed = cpu_sparse.pack(core)
+    other = core.clone()
+    r, c = other.nonzero()[5].tolist()
+    other[r, c] += 0.5
+    x = torch.randn(3, 16)
+    with pytest.raises(AssertionError):
+        assert_close(cpu_sparse.sparse24_linear(x, packed), reference(x, other, torch.float32), torch.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_k_and_many_tiles(isa, isa_env):
+    """K spanning several cache chunks (> 256 groups) and many tiles split across threads."""
+    isa_env(isa)
+    core = random_core(200, 1100, seed=7)
+    for storage in (torch.float32, torch.bfloat16):
+        packed = cpu_sparse.pack(core, storage)
+        for tokens in (1, 9, 17):
+            x = torch.randn(tokens, 1100)
+            assert_close(cpu_sparse.sparse24_linear(x, packed), reference(x, core, storage), torch.float32)
+
+
+def test_3d_and_non_contiguous_inputs():
+    core = random_core(40, 24, seed=5)
+    packed = cpu_sparse.pack(core)
+    x = torch.randn(2, 3, 48)[..., ::2]  # (2, 3, 24), strided
+    assert not x.is_contiguous()
+    y = cpu_sparse.sparse24_linear(x, packed)
+    assert y.shape == (2, 3, 40)
+    assert_close(y, reference(x, core, torch.float32), torch.float32)
+    xt = torch.randn(24, 5).t()  # (5, 24) transposed
+    assert_close(cpu_sparse.sparse24_linear(xt, packed), reference(xt, core, torch.float32), torch.float32)
+
+
+def test_empty_batch():
+    packed = cpu_sparse.pack(random_core(20, 8))
+    assert cpu_sparse.sparse24_linear(torch.randn(0, 8), packed).shape == (0, 20)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_armor_linear_matches_factored_linear(storage, bias):
+    n, k, bs = 96, 128, 32
+    gen = torch.Generator().manual_seed(11)
+    core = random_core(n, k, seed=11)
+    a = torch.eye(bs) + 0.2 * torch.randn(n // bs, bs, bs, generator=gen)
+    b = torch.eye(bs) + 0.2 * torch.randn(k // bs, bs, bs, generator=gen)
+    bvec = torch.randn(n, generator=gen) if bias else None
+    packed = cpu_sparse.pack(core, storage)
+    for tokens in (1, 4, 17):
+        x = torch.randn(tokens, k, generator=gen)
+        ref = factored_linear(
+            x.double(), a.double(), core.to(storage).double(), b.double(), None if bvec is None else bvec.double()
+        )
+        assert_close(cpu_sparse.armor_linear(x, packed, b, a, bvec), ref, torch.float32)
+        # one wrapper only
+        ref_b = factored_linear(x.double(), None, core.to(storage).double(), b.double(), None)
+        assert_close(cpu_sparse.armor_linear(x, packed, wrapper_in=b), ref_b, torch.float32)
+
+
+def test_custom_op_under_torch_compile():
+    core = random_core(48, 32, seed=2)
+    packed = cpu_sparse.pack(core)
+    bias = torch.randn(48)
+    assert hasattr(torch.ops.armor_vllm, "cpu_sparse24_mm")
+
+    def f(x):
+        return torch.relu(cpu_sparse.sparse24_linear(x * 2.0, packed, bias))
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for tokens in (1, 5):
+        x = torch.randn(2, tokens, 32)
+        ref = torch.relu(reference(x * 2.0, core, torch.float32, bias))
+        assert_close(compiled(x), ref, torch.float32)
+    torch.library.opcheck(
+        torch.ops.armor_vllm.cpu_sparse24_mm.default, (torch.randn(3, 32), packed.values, packed.meta, 48, 32, bias)
+    )
