@@ -44,6 +44,13 @@ RECIPE_KEYS = {
     "distill_target",
     "output_target",
     "output_target_mix",
+    "e2e",
+    "e2e_steps",
+    "e2e_seconds",
+    "e2e_lr",
+    "e2e_topk",
+    "e2e_batch",
+    "e2e_hidden",
 }
 METHOD_OPTION_KEYS = (
     "preset",
@@ -59,6 +66,13 @@ METHOD_OPTION_KEYS = (
     "distill_target",
     "output_target",
     "output_target_mix",
+    "e2e",
+    "e2e_steps",
+    "e2e_seconds",
+    "e2e_lr",
+    "e2e_topk",
+    "e2e_batch",
+    "e2e_hidden",
 )
 # How and where the run happens rather than what it computes (never in a recipe).
 RUN_KEYS = ("overwrite", "workers", "ray_address")

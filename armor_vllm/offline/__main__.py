@@ -106,7 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall-time cap of distillation per decoder layer (default 60)",
     )
     p.add_argument(
-        "--device", default=None, help="where per-layer compression runs: cpu or cuda (default: cuda when available)"
+        "--e2e",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the layer-wise pass, tune A, B and the kept values (masks fixed) of the whole model "
+        "so its next-token distributions match the dense model's on the calibration sequences (KL on the "
+        "teacher's top-k tokens; armor_vllm.offline.e2e_distill); kept only when it lowers that objective. "
+        "Default: off",
+    )
+    p.add_argument("--e2e-steps", type=int, default=None, help="--e2e: Adam steps at most (default 1000)")
+    p.add_argument(
+        "--e2e-seconds",
+        type=float,
+        default=None,
+        help="--e2e: training time budget in seconds (default 600; the teacher pass and the before/after "
+        "measurements come on top)",
+    )
+    p.add_argument("--e2e-lr", type=float, default=None, help="--e2e: Adam learning rate (default 3e-5)")
+    p.add_argument("--e2e-topk", type=int, default=None, help="--e2e: teacher tokens kept per position (default 64)")
+    p.add_argument("--e2e-batch", type=int, default=None, help="--e2e: calibration sequences per step (default 2)")
+    p.add_argument(
+        "--e2e-hidden",
+        type=float,
+        default=None,
+        help="--e2e: weight of the final hidden states' relative squared error in the objective (default 0)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where per-layer compression and --e2e run: cpu or cuda (default: cuda when available)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument(
@@ -167,7 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _distill_part(summary: dict) -> str:
     seconds = summary.get("seconds_distill")
-    return f", {seconds:.0f} s distillation" if seconds else ""
+    part = f", {seconds:.0f} s distillation" if seconds else ""
+    e2e = summary.get("e2e")
+    if e2e and e2e.get("objective_before") is not None:
+        part += (
+            f", {summary.get('seconds_e2e', 0):.0f} s end-to-end distillation ({e2e['steps']} steps: "
+            f"objective {e2e['objective_before']:.4f} -> {e2e['objective_after']:.4f}, "
+            f"{'kept' if e2e['kept'] else 'not kept'})"
+        )
+    return part
 
 
 def _dense_line(summary: dict) -> str:

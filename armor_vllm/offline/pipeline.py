@@ -38,6 +38,7 @@ from armor_vllm.core.checkpoint import (
 from armor_vllm.core.format import ArmorConfig, check_layer_block_size, encode_layer
 from armor_vllm.offline import report as report_mod
 from armor_vllm.offline import targets as targets_mod
+from armor_vllm.offline.calibration import CALIBRATION_MIX
 from armor_vllm.offline.distributed import LocalExecutor, check_options, make_executor
 from armor_vllm.offline.layer_walk import (
     LayerInputs,
@@ -91,14 +92,34 @@ def _validate(opts: OfflineOptions) -> None:
 
 
 def _calibration_samples(opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
+    """The calibration windows: the default mix of packaged texts; or ``--calib-data`` (files and
+    source names, read one after the other); or, when it names a generated source (``self-chat``,
+    ``self-free``), a round-robin mix of the named sources with the generated ones written by the
+    dense model now (``self_calibration``)."""
     from transformers import AutoTokenizer
 
     from armor_vllm.offline.calibration import load_texts, mixed_samples, token_samples
+    from armor_vllm.offline.self_calibration import SELF_SOURCES, generated_windows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if opts.calib_data:
+    generated = [name for name in opts.calib_data if name in SELF_SOURCES]
+    if opts.calib_data and not generated:
         return token_samples(tokenizer, load_texts(opts.calib_data), opts.calib_samples, opts.seq_len)
-    samples, used = mixed_samples(tokenizer, opts.calib_samples, opts.seq_len)
+    model = None
+
+    def generate(name: str, n_windows: int) -> torch.Tensor:
+        nonlocal model
+        if model is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        t = time.perf_counter()
+        windows = generated_windows(name, model_dir, n_windows, opts.seq_len, opts.seed, model, tokenizer)
+        print(f"calibration: {n_windows} x {opts.seq_len} tokens of {name} written in {time.perf_counter() - t:.0f} s")
+        return windows
+
+    sources = tuple(opts.calib_data) if opts.calib_data else CALIBRATION_MIX
+    samples, used = mixed_samples(tokenizer, opts.calib_samples, opts.seq_len, sources, generate)
     print(f"calibration: {opts.calib_samples} x {opts.seq_len} tokens from {', '.join(used)}")
     return samples
 
@@ -220,6 +241,9 @@ def _check_targets(opts: OfflineOptions, method_cls) -> None:
         check_mix(opts.method_options["output_target_mix"])
     if opts.method_options.get("output_target") == "dense" and method_cls.name == "magnitude":
         raise ValueError("--output-target dense needs calibration statistics; --method magnitude takes none")
+    from armor_vllm.offline.e2e_distill import check_options as check_e2e
+
+    check_e2e(opts.method, opts.method_options)  # --e2e and its settings (armor_vllm.offline.e2e_distill)
 
 
 def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
@@ -237,6 +261,8 @@ def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
         options.setdefault("output_target", "dense")
         if options["distill"]:
             options.setdefault("distill_target", "dense")
+    if options.get("e2e") is None:  # end-to-end distillation: opt-in until measured (e2e_distill)
+        options["e2e"] = False
     return replace(opts, method_options=options)
 
 
@@ -287,6 +313,7 @@ class _Run:
     plan: object  # targets.TargetPlan
     method: object
     out_dtype: torch.dtype
+    samples: torch.Tensor | None = None  # the calibration windows (token ids)
     inputs: LayerInputs | None = None
     dense_inputs: LayerInputs | None = None
     calib_seconds: float = 0.0
@@ -374,12 +401,22 @@ def _resume_or_begin(opts: OfflineOptions, partial: Path) -> None:
 
 
 def _calibrate(run: _Run) -> None:
-    """The first decoder layer's calibration inputs (none for a method without statistics)."""
+    """The first decoder layer's calibration inputs (none for a method without statistics). The
+    samples are kept in the work folder, so a resumed run calibrates on the very same windows
+    (generated ones included) without writing them again."""
     if run.method.name == "magnitude":
         return
     tc = time.perf_counter()
-    samples = _calibration_samples(run.opts, run.model_dir)
-    run.inputs = capture_layer_inputs(run.stream.model, samples)
+    cached = run.work / "calibration.safetensors"
+    if cached.is_file():
+        with safe_open(str(cached), framework="pt") as handle:
+            run.samples = handle.get_tensor("samples")
+    else:
+        run.samples = _calibration_samples(run.opts, run.model_dir)
+        tmp = run.work / ".calibration.safetensors.tmp"
+        save_file({"samples": run.samples.contiguous()}, str(tmp))
+        os.replace(tmp, cached)
+    run.inputs = capture_layer_inputs(run.stream.model, run.samples)
     run.dense_inputs = run.inputs if run.follows_dense else None
     run.calib_seconds += time.perf_counter() - tc
 
@@ -449,8 +486,27 @@ def _propagate(run: _Run, index: int, layer: nn.Module, tensors, ahead, dense_ne
 
 def _finish(run: _Run, t0: float) -> dict:
     """Write the checkpoint and the report into ``OUTPUT.partial``, then rename it to ``OUTPUT``."""
+    e2e = None
+    if run.opts.method_options.get("e2e"):  # after every layer, before the checkpoint is written
+        from armor_vllm.offline.e2e_distill import options_from, run_e2e
+
+        run.inputs = run.dense_inputs = None  # the walk's activations are not needed any more
+        e2e = run_e2e(
+            run.model_dir,
+            run.work,
+            [_layer_file(run.work, i) for i in range(len(run.plan.targets))],
+            run.plan.targets,
+            run.samples,
+            run.opts.block_size,
+            run.out_dtype,
+            options_from(run.opts.method_options, run.opts.seed),
+            run.opts.method_options.get("device"),
+        )
     source_config = read_json(run.model_dir / "config.json")
     summary = _assemble(run.opts, run.model_dir, run.partial, run.work, source_config, run.plan, run.metrics)
+    if e2e is not None:
+        summary["e2e"] = e2e
+        summary["seconds_e2e"] = e2e.get("seconds", 0.0)
     summary["seconds_total"] = time.perf_counter() - t0
     summary["seconds_calibration"] = run.calib_seconds
     summary["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,172 @@
+"""End-to-end distillation (``armor_vllm.offline.e2e_distill``): its objective is a divergence, it
+never returns a model worse on that objective than it started (even at an absurd learning rate),
+lowers it with sane settings, leaves the checkpoint format as it is, resumes an interrupted run to
+the same bytes, and refuses bad options clearly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from armor_vllm.offline import e2e_distill
+from armor_vllm.offline.e2e_distill import E2EOptions, Teacher, check_options, sequence_objective
+from armor_vllm.offline.pipeline import OfflineOptions, run_offline
+
+SMALL = dict(method="armor", block_size=16, calib_samples=4, seq_len=64)
+QUICK = {"preset": "quick", "iterations": 1}
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny random Llama with larger weights: its next-token distributions are far from uniform,
+    so the KL between it and its compressed version is well above float32 noise."""
+    from safetensors.torch import load_file, save_file
+
+    from armor_vllm.core.checkpoint import copy_side_files
+
+    out = tmp_path_factory.mktemp("sharp-llama")
+    tensors = load_file(tiny_model_dir / "model.safetensors")
+    scale = lambda k: 10.0 if "embed" in k else 5.0 if "proj" in k else 1.0  # noqa: E731
+    save_file({k: (v * scale(k)).contiguous() for k, v in tensors.items()}, out / "model.safetensors")
+    copy_side_files(tiny_model_dir, out)
+    (out / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    return out
+
+
+def _run(model_dir, out, **e2e):
+    options = {**QUICK, "e2e": True, **e2e} if e2e else dict(QUICK)
+    return run_offline(OfflineOptions(model=str(model_dir), output=str(out), method_options=options, **SMALL))
+
+
+def test_objective_is_the_kl_divergence_coarsened_to_the_teachers_top_k():
+    gen = torch.Generator().manual_seed(0)
+    teacher_logits, student_logits = torch.randn(2, 3, 10, generator=gen), torch.randn(2, 3, 10, generator=gen)
+    model = torch.nn.Module()
+    model.forward = lambda input_ids, **_: type("Out", (), {"logits": teacher_logits})()
+    teacher = e2e_distill.teacher_outputs(model, torch.zeros(2, 3, dtype=torch.long), 9, 1, False, "cpu")
+    teacher = teacher.slice(torch.arange(2), "cpu")
+    full = torch.nn.functional.kl_div(
+        torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1), log_target=True, reduction="none"
+    )
+    objective, kl = sequence_objective(student_logits, None, teacher, 0.0)  # k = V - 1: exact
+    torch.testing.assert_close(objective, full.sum(-1).mean(-1))
+    same, _ = sequence_objective(teacher_logits, None, teacher, 0.0)
+    torch.testing.assert_close(same, torch.zeros(2), atol=1e-6, rtol=0)
+    top3 = e2e_distill.teacher_outputs(model, torch.zeros(2, 3, dtype=torch.long), 3, 2, False, "cpu")
+    coarse, _ = sequence_objective(student_logits, None, top3.slice(torch.arange(2), "cpu"), 0.0)
+    assert bool((coarse >= 0).all()) and bool((coarse <= objective + 1e-6).all())  # coarsening never adds
+
+
+def test_batches_depend_on_the_step_only_and_cover_every_sequence():
+    steps = [e2e_distill.batch_rows(s, 3, 5, seed=1) for s in range(5)]
+    assert torch.equal(torch.cat(steps).sort().values, torch.arange(5).repeat_interleave(3))
+    assert torch.equal(e2e_distill.batch_rows(3, 3, 5, seed=1), steps[3])
+
+
+E2E = dict(e2e_steps=4, e2e_lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def e2e_reference(sharp_model_dir, tmp_path_factory):
+    """One uninterrupted run with sane settings."""
+    out = tmp_path_factory.mktemp("e2e") / "reference"
+    return out, _run(sharp_model_dir, out, **E2E)
+
+
+def test_sane_settings_lower_the_objective_and_the_checkpoint_loads(e2e_reference):
+    from armor_vllm.hf.dense import load_dense_hf_model
+
+    out, summary = e2e_reference
+    info = summary["e2e"]
+    assert info["steps"] == 4 and info["kept"] == 1.0
+    assert info["objective_after"] < 0.9 * info["objective_before"]
+    report = json.loads((out / "armor_report.json").read_text())["summary"]
+    assert report["e2e"]["objective_after"] == info["objective_after"] and report["seconds_e2e"] > 0
+    producer = json.loads((out / "config.json").read_text())["quantization_config"]["producer"]
+    assert producer["e2e"] is True and producer["e2e_steps"] == 4
+    load_dense_hf_model(out)  # the format is unchanged: it loads and validates
+
+
+def test_an_absurd_learning_rate_leaves_the_layer_wise_result_untouched(sharp_model_dir, tmp_path, monkeypatch):
+    from armor_vllm.hf.dense import load_dense_hf_model
+
+    monkeypatch.setattr(e2e_distill._Student, "write", lambda *a: pytest.fail("a worse model was written"))
+    info = _run(sharp_model_dir, tmp_path / "absurd", e2e_steps=2, e2e_lr=10.0)["e2e"]
+    assert info["kept"] == 0.0 and not info["objective_after"] < info["objective_before"]
+    load_dense_hf_model(tmp_path / "absurd")
+
+
+def test_an_interrupted_e2e_run_resumes_to_the_same_bytes(sharp_model_dir, e2e_reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(e2e_distill, "SAVE_SECONDS", 0.0)  # save the state after every step
+    real_save, real_rows = e2e_distill._save_state, e2e_distill.batch_rows
+    steps = []
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(e2e_distill, "_save_state", save_then_die)
+    monkeypatch.setattr(
+        e2e_distill, "batch_rows", lambda step, *a, **k: (steps.append(step), real_rows(step, *a, **k))[1]
+    )
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _run(sharp_model_dir, out, **E2E)
+    work = tmp_path / "resumed.partial" / ".armor_work"
+    assert not out.exists()
+    assert (work / e2e_distill.STATE_FILE).is_file() and (work / e2e_distill.TEACHER_FILE).is_file()
+
+    monkeypatch.setattr(e2e_distill, "_save_state", real_save)
+    steps.clear()
+    summary = _run(sharp_model_dir, out, **E2E)
+    assert steps == [2, 3], "the saved steps are not done again"
+    assert summary["e2e"]["steps"] == 4 and summary["e2e"]["kept"] == 1.0
+    assert sha(out / "model.safetensors") == sha(e2e_reference[0] / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("armor", {"e2e": True, "e2e_steps": 0}, "--e2e-steps must be a positive integer"),
+        ("armor", {"e2e": True, "e2e_lr": -1.0}, "--e2e-lr must be a positive number"),
+        ("armor", {"e2e": True, "e2e_seconds": float("nan")}, "--e2e-seconds must be a positive number"),
+        ("armor", {"e2e": True, "e2e_topk": 2.5}, "--e2e-topk must be a positive integer"),
+        ("armor", {"e2e": True, "e2e_batch": True}, "--e2e-batch must be a positive integer"),
+        ("armor", {"e2e": True, "e2e_hidden": -0.5}, "--e2e-hidden must be a number >= 0"),
+        ("armor", {"e2e": "yes"}, "--e2e must be true or false"),
+        ("armor", {"e2e_steps": 10}, "--e2e-steps given without --e2e"),
+        ("wanda", {"e2e": True}, "needs --method armor"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tiny_model_dir, tmp_path, method, options, message):
+    with pytest.raises(ValueError, match=message):
+        check_options(method, options)
+    with pytest.raises(ValueError, match=message):
+        run_offline(
+            OfflineOptions(model=str(tiny_model_dir), output=str(tmp_path / "x"), method=method, method_options=options)
+        )
+    assert not (tmp_path / "x.partial").exists()
+
+
+def test_options_reach_the_run_and_its_fingerprint():
+    from armor_vllm.api import offline_options
+    from armor_vllm.offline.__main__ import build_parser, options_from_args
+    from armor_vllm.offline.pipeline import _with_armor_defaults
+
+    args = build_parser().parse_args(["--output", "o", "--e2e", "--e2e-steps", "7", "--e2e-lr", "2e-5"])
+    opts = options_from_args(args)
+    assert opts.method_options == {"e2e": True, "e2e_steps": 7, "e2e_lr": 2e-5}
+    assert e2e_distill.options_from(opts.method_options, seed=3) == E2EOptions(steps=7, lr=2e-5, seed=3)
+    assert build_parser().parse_args(["--output", "o", "--no-e2e"]).e2e is False
+    base = OfflineOptions(model="m", output="o")
+    assert _with_armor_defaults(base).method_options["e2e"] is False  # off by default
+    assert opts.fingerprint() != offline_options(None, "o", e2e=True, e2e_steps=8, e2e_lr=2e-5).fingerprint()
+    assert isinstance(Teacher, type)
