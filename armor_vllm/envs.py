@@ -10,7 +10,9 @@ name                              meaning
 ``ARMOR_VLLM_KERNEL``             execution kernel of the vLLM plugin (``auto``, ``folded``, ...)
 ``ARMOR_VLLM_KERNEL_REPORT``      file every vLLM worker appends one JSON line per layer to
 ``ARMOR_VLLM_WRAPPER``            wrapper implementation of the factored kernel (``bmm``, ``triton``, ``auto``)
-``ARMOR_VLLM_DENSE_BELOW``        token count up to which a kept dense copy serves (0: never keep one)
+``ARMOR_VLLM_DENSE_BELOW``        keep a folded dense copy beside the 2:4 core and serve up to this many
+                                  tokens with it (costs the dense weight's memory again); unset or 0:
+                                  never (the default); ``auto``: where measured faster
 ================================  ============================================================
 """
 

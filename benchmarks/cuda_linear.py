@@ -11,7 +11,9 @@ bf16, in one run:
 - ``armor-bmm`` / ``armor-triton``: ARMOR (``bs`` 128) through the plugin's kernel, cuSPARSELt core,
   batched-matmul or Triton wrappers, sparse at every size;
 - ``armor-auto``: the plugin's default (``ARMOR_VLLM_KERNEL=auto``): measured backend, wrappers and
-  dense fallback for small token counts.
+  cuSPARSELt algorithm/split-k, no dense copy (never more weight memory than dense);
+- ``armor-auto+dense``: the same with ``ARMOR_VLLM_DENSE_BELOW=auto``: a folded dense copy kept for
+  the token counts where dense measured faster (costs the dense weight's memory again).
 
 Timing follows what vLLM does: token counts up to ``--graph-max`` (vLLM captures decode batches in
 CUDA graphs) are timed as replays of a CUDA graph holding ``--inner`` back-to-back calls; larger
@@ -53,7 +55,7 @@ MODELS = {
     "smoke": {"hidden": 128, "inter": 256, "qkv": (128, 64, 64)},
 }
 TOKENS = (1, 2, 4, 8, 16, 64, 128, 512, 2048, 8192)
-METHODS = ("dense", "2:4", "2:4-raw", "armor-bmm", "armor-triton", "armor-auto")
+METHODS = ("dense", "2:4", "2:4-raw", "armor-bmm", "armor-triton", "armor-auto", "armor-auto+dense")
 
 
 def layer_shapes(model: str) -> dict[str, tuple[list[int], int]]:
@@ -166,6 +168,8 @@ def build_methods(out_sizes, d_in, dtype, device, bs, errors, gen) -> dict:
         "armor-bmm": lambda: kernel(armor, backend=sparse, wrapper="bmm", dense_below=0, strict=True),
         "armor-triton": lambda: kernel(armor, backend=sparse, wrapper="triton", dense_below=0, strict=True),
         "armor-auto": lambda: kernel(armor, backend="auto", wrapper="auto"),
+        # auto with a dense copy where measured faster (ARMOR_VLLM_DENSE_BELOW=auto): more memory than dense
+        "armor-auto+dense": lambda: kernel(armor, backend="auto", wrapper="auto", dense_below="auto"),
     }
     for name, make in makers.items():
         if name == "armor-triton" and not triton_supported(bs, device):

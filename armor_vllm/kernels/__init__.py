@@ -46,21 +46,23 @@ def select_kernel(
     device: torch.device | str,
     key: str | None = None,
     agree: Callable[[KernelPlan], KernelPlan] | None = None,
+    max_tokens: int | None = None,
 ) -> ArmorKernel:
     """The kernel for ``mode`` on ``device`` (``key``: the op's layer name; ``agree``: how
-    tensor-parallel ranks settle on one measured plan). Unknown names raise."""
+    tensor-parallel ranks settle on one measured plan; ``max_tokens``: the largest token count a
+    forward will carry, checked at load). Unknown names raise."""
     device = torch.device(device)
     if mode not in KERNEL_MODES:
         raise ValueError(f"unknown ARMOR kernel {mode!r}; known: {', '.join(KERNEL_MODES)}")
     if mode in ("folded", "dense"):
-        return FoldedKernel()
+        return FoldedKernel(key=key)
     if mode == "factored":
-        return FactoredKernel(backend="dense", device=device, key=key)
+        return FactoredKernel(backend="dense", device=device, key=key, max_tokens=max_tokens)
     if not any_sparse_backend(device):
         if mode != "auto":
             warnings.warn(f"ARMOR kernel {mode!r} needs a CUDA GPU with 2:4 support; running 'folded' on {device}")
-        return FoldedKernel()
-    return FactoredKernel(backend=mode, device=device, key=key, agree=agree)
+        return FoldedKernel(key=key)
+    return FactoredKernel(backend=mode, device=device, key=key, agree=agree, max_tokens=max_tokens)
 
 
 __all__ = ["ArmorKernel", "ArmorShards", "FactoredKernel", "FoldedKernel", "KERNEL_MODES", "select_kernel"]

@@ -16,7 +16,9 @@ Backends:
 - ``dense``: the core kept as an ordinary dense matrix (``F.linear``). The CPU ``factored`` kernel,
   and a baseline on CUDA. Any device, any dtype.
 - ``cusparselt``: ``torch._cslt_compress`` once at load, ``torch._cslt_sparse_mm`` per call with the
-  transposed result (row-major ``(T, rows)``) and the bias fused. CUDA sm80+, fp16/bf16.
+  transposed result (row-major ``(T, rows)``), the bias fused, and the ``alg_id``/``split_k`` the
+  plan found at load for this core and token range (``FactoredKernel``: ``_cslt_sparse_mm_search``
+  for the algorithm, timings for split-k). CUDA sm80+, fp16/bf16.
 - ``cutlass``: PyTorch's CUTLASS semi-structured kernel (``torch._sparse_semi_structured_mm``). Only
   compute capability 8.x: PyTorch raises on sm90 (Hopper). It returns ``(rows, T)``; we transpose and
   copy to row-major (vLLM's next op expects contiguous rows), adding the bias on the way.
@@ -43,13 +45,16 @@ class RawSparseOps:
     compress: Callable[..., object]
     mm: Callable[..., torch.Tensor]
     device_ok: Callable[[torch.device], bool]
+    search: Callable[..., int] | None = None  # the library's algorithm search (cuSPARSELt), if any
 
 
 @dataclass
 class CoreBackend:
     name: str
     compress: Callable[[torch.Tensor], list[torch.Tensor]]
-    matmul: Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor | None], torch.Tensor]
+    # (stored, h, bias, opts): ``opts`` are the plan's options of this core at this token count
+    # (cuSPARSELt: ``(alg_id, split_k)``), or None for the library's defaults
+    matmul: Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor | None, tuple | None], torch.Tensor]
     available: Callable[[torch.device], bool]
     dtypes: tuple[torch.dtype, ...] | None = None  # None: any floating dtype
     token_multiple: int = 1
@@ -81,7 +86,7 @@ def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
 # dense
 
 
-def _dense_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _dense_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None, opts=None) -> torch.Tensor:
     return F.linear(h, stored[0], bias)
 
 
@@ -106,10 +111,19 @@ def _cslt_device_ok(device: torch.device) -> bool:
     return bool(backend is not None and backend.is_available())
 
 
+def _cslt_search(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | None) -> int:
+    # torch 2.13: ``_cslt_sparse_mm_search`` returns the fastest ``alg_id`` (deprecated upstream:
+    # pytorch#137427; absent in a later torch, the caller then keeps alg 0)
+    return int(torch._cslt_sparse_mm_search(packed, dense_t, bias=bias, transpose_result=True))
+
+
 CSLT_OPS = RawSparseOps(
     compress=lambda core: torch._cslt_compress(core),
-    mm=lambda packed, dense_t, bias: torch._cslt_sparse_mm(packed, dense_t, bias=bias, transpose_result=True),
+    mm=lambda packed, dense_t, bias, alg_id=0, split_k=1: torch._cslt_sparse_mm(
+        packed, dense_t, bias=bias, transpose_result=True, alg_id=alg_id, split_k=split_k
+    ),
     device_ok=_cslt_device_ok,
+    search=_cslt_search,
 )
 
 
@@ -117,8 +131,11 @@ def _cslt_compress(core: torch.Tensor) -> list[torch.Tensor]:
     return [CSLT_OPS.compress(core)]
 
 
-def _cslt_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # S @ h^T with a transposed result: (T, rows), row-major, bias (rows,) fused per output row.
+def _cslt_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None, opts=None) -> torch.Tensor:
+    # S @ h^T with a transposed result: (T, rows), row-major, bias (rows,) fused per output row;
+    # with the algorithm and split-k the plan found for this core at this token count.
+    if opts:
+        return CSLT_OPS.mm(stored[0], h.t(), bias, alg_id=int(opts[0]), split_k=int(opts[1]))
     return CSLT_OPS.mm(stored[0], h.t(), bias)
 
 
@@ -168,7 +185,7 @@ def _cutlass_compress(core: torch.Tensor) -> list[torch.Tensor]:
     return [packed, meta]
 
 
-def _cutlass_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _cutlass_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None, opts=None) -> torch.Tensor:
     y_t = CUTLASS_OPS.mm(stored[0], stored[1], h.t())  # (rows, T)
     if bias is not None:
         y_t = y_t + bias[:, None]

@@ -63,17 +63,26 @@ class ArmorShards:
 
 class ArmorKernel(ABC):
     """One way to execute an ARMOR linear. One instance serves one layer: ``prepare`` runs once
-    after loading and returns the tensors to keep on the layer (in order); ``apply`` runs on every
-    forward with those tensors."""
+    after loading, registers the layer under ``key`` for the op ``armor_vllm::armor_linear``
+    (``kernels.linear_op``) and returns the tensors it keeps (the caller may hold them on the
+    layer); ``apply`` runs on every forward, always as that one op, whatever was prepared (a
+    compiled graph is the same for every kernel, plan and setting)."""
 
     name: str = ""
+    key: str = ""
     # None: ``prepare`` returned one folded dense weight, to run as an ordinary dense linear.
     layout: object | None = None
+    out_features: int = 0
+    weight_bytes: int = 0  # bytes of the tensors kept to serve the layer
+    dense_bytes: int = 0  # bytes of the dense weight of the same shape and dtype
 
     @abstractmethod
     def prepare(self, shards: ArmorShards, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Turn the loaded shards into the tensors ``apply`` needs."""
+        """Turn the loaded shards into the tensors the layer keeps, and register the layer."""
 
-    @abstractmethod
-    def apply(self, tensors: list[torch.Tensor], x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``y = A (S (B x)) + bias`` for ``x`` of shape ``(..., d_in)``."""
+    def apply(self, tensors: list[torch.Tensor] | None, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``y = A (S (B x)) + bias`` for ``x`` of shape ``(..., d_in)``, through the op (``tensors``
+        is ignored: the op finds the layer's tensors by its key)."""
+        from armor_vllm.kernels.linear_op import call_op
+
+        return call_op(x, bias, self.key, self.out_features)

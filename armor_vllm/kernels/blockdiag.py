@@ -39,6 +39,35 @@ def blockdiag_bmm(x: torch.Tensor, wt: torch.Tensor, shards: int = 1, bias: torc
     return yb.view(n, n_tokens, shards, bs).permute(2, 1, 0, 3).reshape(shards, n_tokens, n * bs)
 
 
+def blockdiag_rows(
+    x: torch.Tensor, wt: torch.Tensor, shards: int = 1, bias: torch.Tensor | None = None, rows: int | None = None
+) -> torch.Tensor:
+    """``blockdiag_bmm`` with fewer launches, for the body of the custom op only: the batched matmul
+    writes straight into the row-major result (``out=`` a strided view: cuBLAS takes the strides; never
+    under ``torch.compile``, which refuses that, but the op's body is never traced), and the result
+    has ``rows >= T`` rows, the rows past ``T`` left unset (token padding for the core backend
+    without a separate pad: they only ever produce output rows that are sliced away, since every
+    product here is row-wise). One shard: one launch; several: the matmul and one copy."""
+    n_tokens = x.shape[0]
+    n, bs, width = wt.shape
+    rows = n_tokens if rows is None else rows
+    xb = x.view(n_tokens, n, bs).transpose(0, 1)
+    if shards == 1:
+        y = x.new_empty((rows, n * bs))
+        out = y[:n_tokens].view(n_tokens, n, bs).transpose(0, 1)
+        if bias is None:
+            torch.bmm(xb, wt, out=out)
+        else:
+            torch.baddbmm(bias.view(n, 1, bs), xb, wt, out=out)
+        return y
+    if bias is not None:
+        raise ValueError("bias is only supported for a single shard")
+    yb = torch.bmm(xb, wt)  # (n, T, shards*bs)
+    y = x.new_empty((shards, rows, n * bs))
+    y[:, :n_tokens].view(shards, n_tokens, n, bs).copy_(yb.view(n, n_tokens, shards, bs).permute(2, 1, 0, 3))
+    return y
+
+
 def triton_supported(block_size: int, device: torch.device) -> bool:
     """Whether the Triton kernel can run this block size here (an importable Triton, a power-of-two
     block size within the kernel's bounds, and a CUDA device unless Triton's CPU interpreter is on)."""

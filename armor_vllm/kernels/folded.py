@@ -4,11 +4,15 @@ factored path on CPUs, which have no 2:4 units) and the fallback everywhere a sp
 
 from __future__ import annotations
 
+import itertools
+
 import torch
-import torch.nn.functional as F
 
 from armor_vllm.core.factorization import reconstruct
 from armor_vllm.kernels.base import ArmorKernel, ArmorShards
+from armor_vllm.kernels.linear_op import dense_entry, register_layer
+
+_keys = itertools.count()
 
 
 def fold_shards(shards: ArmorShards) -> torch.Tensor:
@@ -25,8 +29,12 @@ def fold_shards(shards: ArmorShards) -> torch.Tensor:
 class FoldedKernel(ArmorKernel):
     name = "folded"
 
-    def prepare(self, shards: ArmorShards, dtype: torch.dtype) -> list[torch.Tensor]:
-        return [fold_shards(shards).to(dtype).contiguous()]
+    def __init__(self, key: str | None = None):
+        self.key = key or f"armor-folded-{next(_keys)}"
 
-    def apply(self, tensors, x, bias):
-        return F.linear(x, tensors[0], bias)
+    def prepare(self, shards: ArmorShards, dtype: torch.dtype) -> list[torch.Tensor]:
+        weight = fold_shards(shards).to(dtype).contiguous()
+        self.out_features = int(weight.shape[0])
+        self.weight_bytes = self.dense_bytes = weight.numel() * weight.element_size()
+        register_layer(self.key, dense_entry(weight))
+        return [weight]

@@ -11,8 +11,11 @@ size, which wrappers exist, candidate backends): a model with 30 identical decod
 each distinct linear shape once, in the first layer, and every other layer reuses the result
 (``PLAN_CACHE``, process-wide). Under tensor parallelism each rank measures in its own process; an
 ``agree`` hook (the vLLM plugin passes a broadcast from rank 0 of the tensor-parallel group) makes
-every rank use rank 0's plan, so ranks never disagree on what they compute. Every rank builds its
-plans for the same layers in the same order, so the collective calls line up.
+every rank use rank 0's plan, so ranks never disagree on what they compute. ``agree`` is called
+ONCE FOR EVERY LAYER, cache hit or not: the cache key holds per-rank facts (whether this rank's
+slice of ``A``/``B`` is the identity), so one rank can hit its cache where another measures, and a
+broadcast entered by only one of them would hang. Every rank prepares the same layers in the same
+order, so the collective calls line up.
 """
 
 from __future__ import annotations
@@ -37,12 +40,21 @@ class KernelPlan:
     backend: str
     dense_below: int = 0  # token counts <= this use the folded dense weight (when it is kept)
     wrappers: tuple[tuple[int, str], ...] = ((UNBOUNDED, "bmm"),)  # (max tokens, impl), ascending
+    # Per token range, the core backend's options for each core matmul of the layer (cuSPARSELt:
+    # ``(alg_id, split_k)`` found by the search at load); empty: the library's defaults.
+    cores: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
 
     def wrapper_for(self, n_tokens: int) -> str:
         for upper, impl in self.wrappers:
             if n_tokens <= upper:
                 return impl
         return self.wrappers[-1][1]
+
+    def core_opts_for(self, n_tokens: int) -> tuple[tuple[int, int], ...]:
+        for upper, opts in self.cores:
+            if n_tokens <= upper:
+                return opts
+        return self.cores[-1][1] if self.cores else ()
 
     def uses(self, impl: str) -> bool:
         return any(i == impl for _, i in self.wrappers)
@@ -55,6 +67,7 @@ class KernelPlan:
             "backend": self.backend,
             "dense_below": self.dense_below,
             "wrappers": [[min(u, UNBOUNDED), i] for u, i in self.wrappers],
+            "cores": [[min(u, UNBOUNDED), [list(o) for o in opts]] for u, opts in self.cores],
         }
 
     @classmethod
@@ -63,6 +76,7 @@ class KernelPlan:
             backend=str(data["backend"]),
             dense_below=int(data["dense_below"]),
             wrappers=tuple((int(u), str(i)) for u, i in data["wrappers"]),
+            cores=tuple((int(u), tuple((int(a), int(k)) for a, k in opts)) for u, opts in data.get("cores", ())),
         )
 
 
@@ -80,34 +94,56 @@ def wrapper_ranges(picks: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
 
 
 def dense_threshold(dense_ms: list[float], sparse_ms: list[float], ladder=LADDER) -> int:
-    """The largest count up to which dense wins at every measured point (0: sparse wins at 1)."""
-    below = 0
-    for tokens, d, s in zip(ladder, dense_ms, sparse_ms):
-        if d < s:
-            below = tokens
-        else:
-            break
-    return below
+    """The token count ``N`` (0 or a ladder point) up to which a kept dense copy should serve,
+    looking at EVERY crossover, not only the first: the ``N`` whose "dense up to ``N``, sparse above"
+    costs least over the measured counts, each count weighted by its time relative to the faster
+    path there (decode sizes count as much as prefill). Ties go to the smaller ``N``."""
+    points = list(zip(ladder, dense_ms, sparse_ms))
+    best_n, best_cost = 0, None
+    for n in [0, *ladder]:
+        cost = sum((d if t <= n else s) / max(min(d, s), 1e-12) for t, d, s in points)
+        if best_cost is None or cost < best_cost - 1e-9:
+            best_n, best_cost = n, cost
+    return best_n
 
 
 # ---------------------------------------------------------------------------------------------
 # timing
 
+GRAPH_MAX = 512  # vLLM captures CUDA graphs for batches up to this many tokens (its default)
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of ``fn``: CUDA events on a CUDA device, ``perf_counter`` elsewhere."""
+
+def time_ms(
+    fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10, graph: bool = False, inner: int = 5
+) -> float:
+    """Median milliseconds of ``fn``: CUDA events on a CUDA device, ``perf_counter`` elsewhere. With
+    ``graph`` (on CUDA) ``fn`` is captured ``inner`` times in a CUDA graph and the replays are timed,
+    as vLLM replays decode batches (``benchmarks/cuda_linear.py`` times the same way): launch
+    overhead, which dominates eager timings of small token counts, is then what it is in serving. A
+    function that cannot be captured is timed eagerly."""
     device = torch.device(device)
     for _ in range(warmup):
         fn()
     times = []
     if device.type == "cuda":
+        run, per = fn, 1
+        if graph:
+            try:
+                torch.cuda.synchronize(device)
+                cuda_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(cuda_graph):
+                    for _ in range(inner):
+                        fn()
+                run, per = cuda_graph.replay, inner
+            except Exception:  # noqa: BLE001 - not capturable: eager timing
+                run, per = fn, 1
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / per)
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -126,17 +162,19 @@ PLAN_CACHE: dict[tuple, KernelPlan] = {}
 def cached_plan(
     key: tuple, measure: Callable[[], KernelPlan], agree: Callable[[KernelPlan], KernelPlan] | None = None
 ) -> KernelPlan:
-    """The plan of ``key``: measured once per process (then agreed across ranks), reused after."""
+    """The plan of ``key``: measured once per process and reused after; then agreed across ranks on
+    EVERY call (one collective per layer on every rank, whatever each rank's cache holds)."""
     plan = PLAN_CACHE.get(key)
     if plan is None:
         plan = measure()
-        if agree is not None:
-            plan = agree(plan)
         PLAN_CACHE[key] = plan
+    if agree is not None:
+        plan = agree(plan)
     return plan
 
 
 __all__ = [
+    "GRAPH_MAX",
     "LADDER",
     "PLAN_CACHE",
     "KernelPlan",

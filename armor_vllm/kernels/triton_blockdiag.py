@@ -45,16 +45,21 @@ def _blockdiag_kernel(
     pid_t = tl.program_id(0)
     j = tl.program_id(1)  # diagonal block
     s = tl.program_id(2)  # shard (column group of the stacked weight)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    # int64 offsets: token x stride reaches 2**31 elements at T * d >= 2**31 (e.g. 131072 x 16384)
+    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     cols = tl.arange(0, BS)
+    j64 = j.to(tl.int64)
+    s64 = s.to(tl.int64)
     row_ok = rows[:, None] < n_tokens
-    x = tl.load(x_ptr + rows[:, None] * stride_xt + (j * BS + cols)[None, :], mask=row_ok, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * stride_xt + (j64 * BS + cols)[None, :], mask=row_ok, other=0.0)
     # weight block j, shard s: (bs_in, bs_out) at columns s*BS .. s*BS+BS-1 of wt[j]
-    w = tl.load(w_ptr + j * stride_wj + cols[:, None] * stride_wi + (s * BS + cols)[None, :])
-    acc = tl.dot(x, w)  # float32 accumulation
+    w = tl.load(w_ptr + j64 * stride_wj + cols[:, None] * stride_wi + (s64 * BS + cols)[None, :])
+    # float32 accumulation; "ieee": float32 inputs are NOT rounded to TF32 (Triton's default on
+    # tensor cores), so fp32 layers keep fp32 accuracy (fp16/bf16 inputs are unaffected)
+    acc = tl.dot(x, w, input_precision="ieee")
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + j * BS + cols).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + s * stride_ys + rows[:, None] * stride_yt + (j * BS + cols)[None, :]
+        acc += tl.load(bias_ptr + j64 * BS + cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + s64 * stride_ys + rows[:, None] * stride_yt + (j64 * BS + cols)[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
@@ -26,6 +27,7 @@ from armor_vllm.kernels import KERNEL_MODES
 from armor_vllm.serving.linear_method import ArmorLinearMethod
 
 KERNEL_ENV = envs.KERNEL
+logger = init_logger(__name__)
 
 
 def selected_kernel() -> str:
@@ -44,6 +46,27 @@ class ArmorQuantConfig(QuantizationConfig):
         super().__init__()
         self.armor = armor
         self.kernel = selected_kernel()
+        # served weight memory of the ARMOR linears against dense (logged once all are prepared)
+        self.linear_methods = 0
+        self.prepared = 0
+        self.served_bytes = 0
+        self.dense_bytes = 0
+
+    def note_prepared(self, kernel) -> None:
+        """Count one prepared ARMOR linear; after the last one, log the served weight bytes of all
+        of them against the dense model's (a 2:4 model must not need more memory than dense)."""
+        self.prepared += 1
+        self.served_bytes += int(kernel.weight_bytes)
+        self.dense_bytes += int(kernel.dense_bytes)
+        if self.prepared == self.linear_methods and self.dense_bytes:
+            logger.info(
+                "ARMOR: %d linear layers serve %.1f MiB of weights, %.2fx the dense model's %.1f MiB (kernel %s)",
+                self.prepared,
+                self.served_bytes / 2**20,
+                self.served_bytes / self.dense_bytes,
+                self.dense_bytes / 2**20,
+                self.kernel,
+            )
 
     def __repr__(self) -> str:
         return f"ArmorQuantConfig(block_size={self.armor.block_size}, method={self.armor.method}, kernel={self.kernel})"
@@ -97,6 +120,7 @@ class ArmorQuantConfig(QuantizationConfig):
         names = self.shard_names(prefix)
         compressed = [self.armor.is_compressed(n) for n in names]
         if all(compressed):
+            self.linear_methods += 1
             return ArmorLinearMethod(self)
         if not any(compressed):
             return UnquantizedLinearMethod()

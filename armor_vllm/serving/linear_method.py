@@ -6,8 +6,12 @@ projection into its shard, post-process (decode and validate every shard with th
 Fused layers (``qkv_proj``, ``gate_up_proj``) receive each checkpoint projection as its own shard
 with its own wrappers, or one checkpoint-fused tensor that is split at vLLM's output sizes; which
 part of each tensor a tensor-parallel rank keeps is ``serving.weight_slicing``'s business. The
-kernel (``armor_vllm.kernels``, chosen by ``$ARMOR_VLLM_KERNEL``) runs factored layers as one custom
-op, so vLLM's compiled graph and CUDA graphs see one node.
+kernel (``armor_vllm.kernels``, chosen by ``$ARMOR_VLLM_KERNEL``) is reached through one custom op
+with a fixed schema (``armor_vllm::armor_linear``: x, bias, layer name), for folded layers too, so
+vLLM's compiled graph (which vLLM saves and reloads across restarts keyed on its own config only)
+and its CUDA graphs see one node whatever was chosen at load. Each layer's report line
+(``$ARMOR_VLLM_KERNEL_REPORT``) gives the weight bytes it serves against the dense weight's, and
+the config logs the totals once every ARMOR linear is prepared.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from armor_vllm.core.format import (
     decode_layer,
 )
 from armor_vllm.kernels import ArmorShards, select_kernel
+from armor_vllm.kernels.linear_op import LAYERS, LayerEntry, call_op, register_layer
 from armor_vllm.kernels.plan import KernelPlan
 from armor_vllm.serving.weight_slicing import rank_slice, slice_for_rank, split_fused
 
@@ -59,6 +64,9 @@ def record_choice(layer, kernel) -> None:
         "rank": getattr(layer, "tp_rank", 0),
         "kernel": kernel.name,
         "plan": plan.to_json() if plan is not None else {"backend": "folded"},
+        # what this layer keeps to serve, against the dense weight of the same shape and dtype
+        "weight_bytes": int(kernel.weight_bytes),
+        "dense_bytes": int(kernel.dense_bytes),
     }
     choice = json.dumps({k: entry[k] for k in ("kernel", "plan")}, sort_keys=True)
     if choice not in _LOGGED_CHOICES:
@@ -68,6 +76,17 @@ def record_choice(layer, kernel) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+def max_num_batched_tokens() -> int | None:
+    """The largest token count one forward can carry in this vLLM engine (None outside one)."""
+    try:
+        from vllm.config import get_current_vllm_config
+
+        value = get_current_vllm_config().scheduler_config.max_num_batched_tokens
+        return int(value) if value else None
+    except Exception:  # noqa: BLE001 - no engine config (unit tests): the kernel's default
+        return None
 
 
 def tensor_parallel_agreement(layer) -> Any:
@@ -92,6 +111,8 @@ class ArmorLinearMethod(LinearMethodBase):
         self.config = config
         self.kernel = None
         self._dense = None  # vLLM's own dense GEMM, reused by the folded kernel
+        self.key = ""  # the layer name the op finds this layer by (set at prepare)
+        self.entry = None  # this layer's entry in the op's registry
 
     def layer_tensors(self) -> tuple[str, ...]:
         return (
@@ -275,17 +296,34 @@ class ArmorLinearMethod(LinearMethodBase):
         return {f"{name}.{k}": v for k, v in tensors.items()}
 
     def _prepare(self, layer, shards: ArmorShards, dtype: torch.dtype) -> None:
+        self.key = getattr(layer, "prefix", "") or f"armor-linear-{id(layer)}"
         self.kernel = select_kernel(
-            self.config.kernel, shards.wrapper_out.device, key=layer.prefix, agree=tensor_parallel_agreement(layer)
+            self.config.kernel,
+            shards.wrapper_out.device,
+            key=self.key,
+            agree=tensor_parallel_agreement(layer),
+            max_tokens=max_num_batched_tokens(),
         )
         tensors = self.kernel.prepare(shards, dtype)
+        self.entry = LAYERS[self.key]  # what the op finds under this layer's name
+        layer.armor_out_features = self.kernel.out_features
         record_choice(layer, self.kernel)
+        self.config.note_prepared(self.kernel)
         if self.kernel.layout is None:
             # A folded weight is an ordinary dense weight: run it through vLLM's own dense GEMM
-            # (on CPU a prepacked oneDNN matmul), so folded costs exactly what the dense model does.
+            # (on CPU a prepacked oneDNN matmul), so folded costs exactly what the dense model does:
+            # directly in eager mode, and from inside the op ``armor_linear`` in a compiled graph.
             layer.weight = Parameter(tensors[0], requires_grad=False)
-            self._dense = UnquantizedLinearMethod()
-            self._dense.process_weights_after_loading(layer)
+            dense = self._dense = UnquantizedLinearMethod()
+            dense.process_weights_after_loading(layer)
+            self.entry = register_layer(
+                self.key,
+                LayerEntry(
+                    forward=lambda x, bias: dense.apply(layer, x, bias),
+                    out_features=self.kernel.out_features,
+                    tensors=tuple(tensors),
+                ),
+            )
             return
         layer.armor_tensor_names = tuple(f"armor_{i}" for i in range(len(tensors)))
         for name, tensor in zip(layer.armor_tensor_names, tensors):
@@ -293,9 +331,17 @@ class ArmorLinearMethod(LinearMethodBase):
 
     # -- apply ----------------------------------------------------------------------------------
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # What torch.compile traces is ALWAYS the one op, whatever kernel, plan or dense copy this
+        # process chose: vLLM reuses a saved compiled graph across restarts keyed on its own config
+        # only, so the graph must not depend on ARMOR's choices (kernels.linear_op).
+        # The op finds the layer by name, as vLLM's attention ops do (one process: unique names). In
+        # eager mode this layer's entry runs directly: no op dispatch, and a folded layer is exactly
+        # vLLM's dense GEMM.
+        if torch.compiler.is_compiling():
+            return call_op(x, bias, self.key, layer.armor_out_features)
         if self._dense is not None:
             return self._dense.apply(layer, x, bias)
-        return self.kernel.apply([getattr(layer, n) for n in layer.armor_tensor_names], x, bias)
+        return self.entry.forward(x, bias)
 
 
 def _kv_replicas(layer, shard: int) -> int:

@@ -14,7 +14,7 @@ from armor_vllm.kernels import backends as kb
 from armor_vllm.kernels import plan as kplan
 from armor_vllm.kernels.blockdiag import triton_supported
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
 
 
@@ -118,3 +118,27 @@ def test_auto_plan_is_measured_once_per_shape():
         if i == 0:
             measured = len(calls)
     assert len(calls) == measured and kernels[0].plan == kernels[1].plan
+
+
+def test_triton_fp32_is_not_tf32_and_offsets_are_64_bit():
+    """Issue 19 item 9: fp32 ``tl.dot`` defaulted to TF32 (about 1e-3 relative error), and pointer
+    offsets were int32 (wrong addresses once T * d >= 2**31)."""
+    from armor_vllm.kernels import blockdiag as kbd
+    from armor_vllm.kernels.triton_blockdiag import blockdiag_triton
+
+    if not triton_supported(64, CUDA):
+        pytest.skip("triton unusable")
+    torch.manual_seed(0)
+    wt = kbd.stack_wrappers([torch.randn(4, 64, 64, device="cuda")])
+    x = torch.randn(100, 256, device="cuda")
+    want = kbd.blockdiag_bmm(x.double(), wt.double())
+    assert rel_err(blockdiag_triton(x, wt), want) < 1e-5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB free for a 2**31-element activation")
+    n_tokens = (1 << 31) // 256 + 64  # T * d just above 2**31 elements
+    x = torch.empty(n_tokens, 256, device="cuda", dtype=torch.float16).normal_()
+    wt16 = wt.half()
+    y = blockdiag_triton(x, wt16)
+    tail = slice(n_tokens - 64, n_tokens)
+    assert rel_err(y[tail], kbd.blockdiag_bmm(x[tail].contiguous(), wt16)) < 1e-2

@@ -157,7 +157,7 @@ def test_standin_enforces_the_contract(stand_in):
     w = torch.randn(32, 64)
     core = (w * mask_from_scores(w.abs())).half()
     packed = standin.cslt_compress(core)
-    assert packed.dtype == torch.uint8 and packed.numel() < core.numel() * 2  # really packed
+    assert packed.dtype == core.dtype and packed.dim() == 1 and packed.numel() < core.numel()  # really packed
     torch.testing.assert_close(standin.cslt_decode(packed), core)
     with pytest.raises(RuntimeError, match="not 2:4"):
         standin.cslt_compress(w.half())
@@ -269,24 +269,18 @@ def test_op_is_one_node_with_a_shape_only_fake(stand_in):
         torch.randn(24, 64, dtype=torch.float16), *tensors
     )
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    assert torch.ops.armor_vllm.factored_linear.default in calls
+    assert torch.ops.armor_vllm.armor_linear.default in calls
     assert not any("bmm" in str(t) or "pad" in str(t) for t in calls), calls
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
-        fake = linear_op.call_factored_op(
-            mode.from_tensor(torch.empty(3, 7, 64, dtype=torch.float16)),
-            [mode.from_tensor(t) for t in tensors],
-            None,
-            kernel.key,
-            64,
-        )
+        fake = linear_op.call_op(mode.from_tensor(torch.empty(3, 7, 64, dtype=torch.float16)), None, kernel.key, 64)
     assert fake.shape == (3, 7, 64)
 
 
 def test_op_refuses_an_unprepared_layer():
     with pytest.raises(RuntimeError, match="was not prepared"):
-        linear_op.call_factored_op(torch.randn(2, 8), [torch.randn(8, 8)], None, "no-such-layer", 8)
+        linear_op.call_op(torch.randn(2, 8), None, "no-such-layer", 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +308,7 @@ class FakeClock:
 def test_auto_measures_once_per_shape_and_keeps_dense_for_decode(stand_in):
     """Review item 7: 30 identical layers measured once; and the measured threshold is used."""
     clock = FakeClock(dense_wins_up_to=16)
-    kernels = [FactoredKernel(backend="auto", wrapper="bmm") for _ in range(3)]
+    kernels = [FactoredKernel(backend="auto", wrapper="bmm", dense_below="auto") for _ in range(3)]
     for k in kernels:
         k.timer = clock
     shards = [make_shards([64, 32], 64, 16, seed=s) for s in range(3)]
@@ -355,7 +349,7 @@ def test_tensor_parallel_ranks_take_rank_0s_plan(stand_in):
     plans = []
     for rank, wins_up_to in ((0, 4), (1, 64)):  # the two ranks' clocks disagree
         kplan.PLAN_CACHE.clear()  # separate processes
-        k = FactoredKernel(backend="auto", wrapper="bmm", agree=agree_as(rank))
+        k = FactoredKernel(backend="auto", wrapper="bmm", dense_below="auto", agree=agree_as(rank))
         k.timer = FakeClock(wins_up_to)
         k.prepare(shards, torch.float16)
         plans.append(k.plan)
@@ -370,7 +364,8 @@ def test_wrapper_ranges_and_plan_json():
     assert plan.wrapper_for(1) == "triton" and plan.wrapper_for(5) == "bmm" and plan.wrapper_for(10**6) == "triton"
     assert plan.without("triton").wrappers == ((2, "bmm"), (8, "bmm"), (kplan.UNBOUNDED, "bmm"))
     assert kplan.dense_threshold([1, 1, 3], [2, 2, 2], ladder=(1, 2, 4)) == 2
-    assert kplan.dense_threshold([3, 1, 1], [2, 2, 2], ladder=(1, 2, 4)) == 0
+    assert kplan.dense_threshold([3, 1, 1], [2, 2, 2], ladder=(1, 2, 4)) == 4  # every crossover (issue 19)
+    assert kplan.dense_threshold([3, 3, 1], [2, 2, 2], ladder=(1, 2, 4)) == 0
 
 
 def test_triton_failures_never_abort_loading(stand_in, monkeypatch):
@@ -406,7 +401,7 @@ def test_triton_block_size_is_capped():
 def test_a_backend_that_disagrees_is_not_served(stand_in, monkeypatch):
     shards = make_shards([64], 64, 16)
     real = kb.CSLT_OPS.mm
-    monkeypatch.setattr(kb.CSLT_OPS, "mm", lambda p, d, b: real(p, d, b) * 0)
+    monkeypatch.setattr(kb.CSLT_OPS, "mm", lambda p, d, b, **kw: real(p, d, b, **kw) * 0)
     kernel = FactoredKernel(backend="cusparselt")
     with pytest.warns(UserWarning, match="disagrees"):
         tensors = kernel.prepare(shards, torch.float16)
@@ -437,3 +432,306 @@ def test_cuda_benchmark_runs_end_to_end(tmp_path):
     for row in result["linears"] + result["blocks"]:
         assert {"dense", "2:4", "2:4-raw", "armor-bmm", "armor-auto"} <= set(row["ms"]), row
     assert {r["tokens"] for r in result["linears"]} == {1, 9}
+
+
+# ---------------------------------------------------------------------------------------------
+# second review (issue 19), each finding pinned by a test that fails on the old code
+
+
+def _graph_of(kernel, tensors, d_in, dtype):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(lambda x: kernel.apply(tensors, x, None), tracing_mode="symbolic")(torch.randn(24, d_in, dtype=dtype))
+    return gm.code
+
+
+def test_traced_graph_is_the_same_for_every_kernel_and_plan(stand_in):
+    """Issue 19 item 1: vLLM saves the compiled graph keyed on its own config only; what is traced
+    must not depend on the kernel, the plan or a kept dense copy (one op, x + bias + layer name)."""
+    shards = make_shards([64, 32], 64, 16)
+    graphs = {}
+    for name, kernel in {
+        "folded": FoldedKernel(key="model.layers.0.qkv_proj"),
+        "cusparselt": FactoredKernel(backend="cusparselt", dense_below=0, key="model.layers.0.qkv_proj"),
+        "cusparselt-dense4": FactoredKernel(backend="cusparselt", dense_below=4, key="model.layers.0.qkv_proj"),
+        "cutlass": FactoredKernel(backend="cutlass", key="model.layers.0.qkv_proj"),
+    }.items():
+        tensors = kernel.prepare(shards, torch.float16)
+        graphs[name] = _graph_of(kernel, tensors, 64, torch.float16)
+        x = torch.randn(5, 64, dtype=torch.float16)
+        assert rel_err(kernel.apply(None, x, None), reference(shards, x)) < 3e-3, name
+    assert len(set(graphs.values())) == 1, graphs
+    assert "armor_linear" in graphs["folded"]
+
+
+def test_tensor_parallel_ranks_broadcast_for_every_layer(stand_in):
+    """Issue 19 item 2: the plan-cache key holds per-rank facts (is this rank's slice of B the
+    identity?), so rank 0 hit its cache for layer 1 and skipped the broadcast rank 1 entered: a hang.
+    Both ranks must enter the same sequence of collectives."""
+    entered = {0: [], 1: []}
+
+    def agree_as(rank, layer):
+        def agree(plan):
+            entered[rank].append(layer)
+            return plan
+
+        return agree
+
+    ranks = {
+        0: [make_shards([64], 64, 16, "equal", seed=0), make_shards([64], 64, 16, "equal", seed=1)],
+        1: [make_shards([64], 64, 16, "identity", seed=0), make_shards([64], 64, 16, "equal", seed=1)],
+    }
+    for rank, layers in ranks.items():
+        kplan.PLAN_CACHE.clear()  # separate processes
+        for i, shards in enumerate(layers):
+            k = FactoredKernel(backend="auto", wrapper="bmm", agree=agree_as(rank, i))
+            k.timer = FakeClock(0)
+            k.prepare(shards, torch.float16)
+    assert entered[0] == entered[1] == [0, 1]
+
+
+def test_auto_never_keeps_more_weight_memory_than_dense(stand_in, monkeypatch):
+    """Issue 19 item 3: where dense wins at decode sizes, ``auto`` kept a folded dense copy beside
+    the core (about 1.56x dense). By default it must not; ``ARMOR_VLLM_DENSE_BELOW`` asks for it."""
+    monkeypatch.delenv("ARMOR_VLLM_DENSE_BELOW", raising=False)
+    monkeypatch.delenv("ARMOR_DENSE_BELOW", raising=False)
+    shards = make_shards([128, 64], 256, 16)
+    k = FactoredKernel(backend="auto", wrapper="bmm")
+    k.timer = FakeClock(dense_wins_up_to=16)
+    tensors = k.prepare(shards, torch.float16)
+    assert k.plan.backend == "cusparselt" and k.plan.dense_below == 0 and not k.layout.has_dense
+    assert k.dense_would_win_below == 16  # measured, reported, not acted on
+    assert k.weight_bytes == sum(t.numel() * t.element_size() for t in tensors) < k.dense_bytes
+    x = torch.randn(2, 256, dtype=torch.float16)
+    standin.CALLS.clear()
+    assert rel_err(k.apply(tensors, x, None), reference(shards, x)) < 3e-3 and standin.CALLS  # 2:4 at decode
+    # wrappers as big as the savings (block size near the width): the folded weight is smaller
+    kplan.PLAN_CACHE.clear()
+    k = FactoredKernel(backend="auto", wrapper="bmm")
+    k.timer = FakeClock(dense_wins_up_to=16)
+    k.prepare(make_shards([64, 32], 64, 16), torch.float16)
+    assert k.layout is None and k.weight_bytes == k.dense_bytes
+    # asked for: the copy is kept, and costs more than dense
+    for setting in ("16", "auto"):
+        kplan.PLAN_CACHE.clear()
+        monkeypatch.setenv("ARMOR_VLLM_DENSE_BELOW", setting)
+        k = FactoredKernel(backend="auto", wrapper="bmm")
+        k.timer = FakeClock(dense_wins_up_to=16)
+        k.prepare(shards, torch.float16)
+        assert k.layout.has_dense and k.plan.dense_below == 16 and k.weight_bytes > k.dense_bytes, setting
+    # dense faster everywhere: the folded weight alone, exactly dense's bytes
+    monkeypatch.delenv("ARMOR_VLLM_DENSE_BELOW")
+    kplan.PLAN_CACHE.clear()
+    k = FactoredKernel(backend="auto", wrapper="bmm")
+    k.timer = FakeClock(dense_wins_up_to=1 << 20)
+    k.prepare(shards, torch.float16)
+    assert k.layout is None and k.weight_bytes == k.dense_bytes
+
+
+def test_cusparselt_algorithm_search_is_planned_and_passed(stand_in):
+    """Issue 19 item 5: every call used alg_id 0, split_k 1. The search at load (per shape and
+    token range) goes into the plan and every call passes it."""
+    shards = make_shards([64, 32], 64, 16)
+
+    def split_k_clock(fn, device):  # split-k 4 wins up to 8 tokens, 1 above
+        fn()
+        last = standin.KWARGS[-1]
+        return 1.0 / last["split_k"] if last["tokens"] <= 8 else float(last["split_k"])
+
+    k = FactoredKernel(backend="cusparselt", wrapper="bmm", strict=True)
+    k.timer = split_k_clock
+    tensors = k.prepare(shards, torch.float16)
+    assert k.layout.n_cores == 2  # distinct B: one matmul per core, each with its own options
+    assert k.plan.cores == ((8, ((0, 4),) * 2), (64, ((1, 1),) * 2), (kplan.UNBOUNDED, ((2, 1),) * 2))
+    assert kplan.KernelPlan.from_json(k.plan.to_json()) == k.plan
+    for n_tokens, expect in ((3, (0, 4)), (8, (0, 4)), (40, (1, 1)), (100, (2, 1))):
+        standin.KWARGS.clear()
+        x = torch.randn(n_tokens, 64, dtype=torch.float16)
+        assert rel_err(k.apply(tensors, x, None), reference(shards, x)) < 3e-3
+        assert [(c["alg_id"], c["split_k"]) for c in standin.KWARGS] == [expect] * 2, n_tokens
+
+
+def test_standin_enforces_strides_alignment_and_bias(stand_in):
+    """Issue 19 item 6: the real libraries take a dense operand that is row-major or column-major
+    with leading dimension k, 16-byte aligned addresses, a contiguous bias of the output dtype."""
+    from armor_vllm.core.factorization import mask_from_scores
+
+    w = torch.randn(32, 64)
+    packed = standin.cslt_compress((w * mask_from_scores(w.abs())).half())
+    h = torch.randn(8, 64).half()
+    standin.cslt_mm(packed, h.t(), None)  # transposed-contiguous, ld = k
+    standin.cslt_mm(packed, h.t().contiguous(), None)  # row-major
+    wide = torch.randn(8, 128).half()
+    with pytest.raises(RuntimeError, match="strides"):
+        standin.cslt_mm(packed, wide[:, :64].t(), None)  # ld 128 != k
+    flat = torch.randn(8 * 64 + 1).half()
+    with pytest.raises(RuntimeError, match="aligned"):
+        standin.cslt_mm(packed, flat[1:].view(8, 64).t(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        standin.cslt_mm(packed, h.t(), torch.randn(64).half()[::2])
+    with pytest.raises(RuntimeError, match="bias"):
+        standin.cslt_mm(packed, h.t(), torch.randn(32))  # fp32 bias, fp16 output
+    with pytest.raises(RuntimeError, match="alg_id"):
+        standin.cslt_mm(packed, h.t(), None, alg_id=standin.ALG_COUNT)
+
+
+@pytest.mark.parametrize("backend", ["cusparselt", "cutlass"])
+def test_factored_kernel_meets_the_strict_contract(stand_in, backend):
+    """Issue 19 item 6: ``h[c]`` of a distinct-``B`` fused layer with ``d_in == bs`` is a strided view,
+    an input can start at an unaligned address, a bias can be strided: all must reach the library
+    as it needs them."""
+    d_in = 16 if backend == "cusparselt" else 64
+    sizes = [32, 16, 16] if backend == "cusparselt" else [128, 64, 64]
+    shards = make_shards(sizes, d_in, d_in, "distinct")
+    k = FactoredKernel(backend=backend, wrapper="bmm", strict=True)
+    tensors = k.prepare(shards, torch.float16)
+    assert k.layout.in_shards == 3
+    flat = torch.randn(16 * d_in + 1).half()
+    x = flat[1:].view(16, d_in)  # 2 bytes past an aligned address
+    bias = torch.randn(2 * sum(sizes)).half()[::2]
+    assert rel_err(k.apply(tensors, x, bias), reference(shards, x, bias)) < 3e-3
+    plain = make_shards([64], 64, 16, "identity", identity_out=True)
+    k = FactoredKernel(backend="cusparselt", wrapper="bmm", strict=True)
+    tensors = k.prepare(plain, torch.float16)
+    x = torch.randn(9, 64).half()
+    assert rel_err(k.apply(tensors, x, bias[:64]), reference(plain, x, bias[:64])) < 3e-3
+
+
+def test_load_check_uses_a_bias_and_the_largest_token_count(stand_in, monkeypatch):
+    """Issue 19 item 9: a backend wrong only with a fused bias, or only at large token counts, was
+    served: the load-time check ran without a bias and up to 37 tokens."""
+    shards = make_shards([64], 64, 16, "identity", identity_out=True)  # bias fused in the core matmul
+    real = kb.CSLT_OPS.mm
+    monkeypatch.setattr(kb.CSLT_OPS, "mm", lambda p, d, b, **kw: real(p, d, None, **kw))  # drops the bias
+    with pytest.raises(RuntimeError, match="disagrees"):
+        FactoredKernel(backend="cusparselt", strict=True).prepare(shards, torch.float16)
+    monkeypatch.setattr(kb.CSLT_OPS, "mm", lambda p, d, b, **kw: real(p, d, b, **kw) * (1 + (d.shape[1] > 4096)))
+    FactoredKernel(backend="cusparselt", strict=True, max_tokens=4096).prepare(shards, torch.float16)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        FactoredKernel(backend="cusparselt", strict=True, max_tokens=6000).prepare(shards, torch.float16)
+
+
+def test_cutlass_on_hopper_falls_back_to_cusparselt(monkeypatch):
+    """Issue 19 item 9: ``ARMOR_VLLM_KERNEL=cutlass`` on sm90 fell back to folded, not cuSPARSELt."""
+    monkeypatch.setattr("armor_vllm.kernels.factored.usable_sparse_backends", lambda device, dtype: ["cusparselt"])
+    with pytest.warns(UserWarning, match="using cusparselt"):
+        assert FactoredKernel(backend="cutlass")._candidates(torch.device("cpu"), torch.float16) == ["cusparselt"]
+
+
+_NO_LAUNCH = {  # views and allocations: no kernel of their own (a reshape that copies shows its copy)
+    "aten::view",
+    "aten::t",
+    "aten::transpose",
+    "aten::permute",
+    "aten::select",
+    "aten::slice",
+    "aten::as_strided",
+    "aten::expand",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::narrow",
+    "aten::_unsafe_view",
+    "aten::alias",
+    "aten::detach",
+    "aten::empty",
+    "aten::new_empty",
+    "aten::empty_like",
+    "aten::contiguous",
+    "aten::reshape",
+    "aten::to",
+}
+
+
+def _launches(fn) -> list[str]:
+    """The kernel-launching ops the op ``armor_linear`` runs (the stand-in's matmul counts as one)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    (op,) = [e for e in prof.events() if e.name == "armor_vllm::armor_linear"]
+
+    def walk(event):
+        out = []
+        for child in event.cpu_children:
+            out += walk(child) if child.name in _NO_LAUNCH else [child.name]
+        return out
+
+    return walk(op)
+
+
+def test_decode_launches_per_layer(stand_in):
+    """Issue 19 item 7: a q/k/v layer with distinct ``B`` ran 9 kernels at decode (pad, bmm,
+    permute copy, 3 sparse matmuls, cat, baddbmm, transpose copy). ``B`` now writes the padded
+    rows itself and ``A`` writes the output rows directly: 7; a shared ``B``: 3 (was 6)."""
+    for sizes, wrappers_in, expect in (
+        (
+            [64, 32, 32],
+            "distinct",
+            ["aten::bmm", "aten::copy_"] + ["standin::cslt_sparse_mm"] * 3 + ["aten::cat", "aten::baddbmm"],
+        ),
+        ([64, 64], "equal", ["aten::bmm", "standin::cslt_sparse_mm", "aten::baddbmm"]),
+    ):
+        shards = make_shards(sizes, 64, 16, wrappers_in)
+        k = FactoredKernel(backend="cusparselt", wrapper="bmm", strict=True)
+        tensors = k.prepare(shards, torch.float16)
+        bias = torch.randn(sum(sizes)).half()
+        for n_tokens in (1, 3, 8):
+            x = torch.randn(n_tokens, 64).half()
+            assert _launches(lambda: k.apply(tensors, x, bias)) == expect, (sizes, n_tokens)
+            assert rel_err(k.apply(tensors, x, bias), reference(shards, x, bias)) < 3e-3
+
+
+def test_gpu_only_tests_carry_the_cuda_marker():
+    """Issue 19 item 8: the declared ``cuda`` marker selects the GPU-only tests (``-m cuda``)."""
+    import test_cuda_kernels
+
+    marks = test_cuda_kernels.pytestmark
+    assert any(m.name == "cuda" for m in (marks if isinstance(marks, list) else [marks]))
+
+
+class CrossoverClock:
+    """Dense faster at 1 token, slower at 2, faster again from 4 to 16 tokens, slower above."""
+
+    def __call__(self, fn, device):
+        standin.CALLS.clear()
+        out = fn()
+        n_tokens = out.shape[-2] if out.dim() > 1 else 1
+        if not standin.CALLS:
+            return 1.0
+        return 0.5 if n_tokens == 2 or n_tokens > 16 else 2.0
+
+
+def test_plan_looks_at_every_crossover_and_times_graphs(stand_in, monkeypatch):
+    """Issue 19 item 4: the threshold stopped at the first count where dense lost (here 1 token, as
+    if dense only paid at decode size 1) and timings were eager, where launch overhead dominates
+    small counts. Every crossover is weighed, and counts vLLM captures are timed as graph replays."""
+    shards = make_shards([64], 64, 16)
+    k = FactoredKernel(backend="auto", wrapper="bmm", dense_below="auto")
+    k.timer = CrossoverClock()
+    k.prepare(shards, torch.float16)
+    assert k.plan.dense_below == 16
+    graphs = {}
+
+    def recording_time_ms(fn, device, graph=False, **kw):
+        out = fn()
+        graphs[out.shape[0] if out.dim() > 1 else 1] = graph
+        return 1.0
+
+    monkeypatch.setattr("armor_vllm.kernels.factored.time_ms", recording_time_ms)
+    kplan.PLAN_CACHE.clear()
+    FactoredKernel(backend="auto", wrapper="bmm").prepare(shards, torch.float16)
+    assert graphs and all(graph == (n <= kplan.GRAPH_MAX) for n, graph in graphs.items()), graphs
+    assert graphs[1] and not graphs[max(kplan.LADDER)]
+
+
+def test_dense_below_setting(monkeypatch):
+    """Issue 19 item 3: unset means no dense copy; N > 0 or ``auto`` ask for one."""
+    from armor_vllm.kernels.factored import dense_below_setting
+
+    monkeypatch.delenv("ARMOR_VLLM_DENSE_BELOW", raising=False)
+    monkeypatch.delenv("ARMOR_DENSE_BELOW", raising=False)
+    assert dense_below_setting() is None  # no copy; auto may still serve a layer folded
+    for raw, expect in (("0", 0), ("8", 8), ("auto", "auto"), (" AUTO ", "auto")):
+        monkeypatch.setenv("ARMOR_VLLM_DENSE_BELOW", raw)
+        assert dense_below_setting() == expect
+    assert dense_below_setting(3) == 3
+    with pytest.raises(ValueError, match=">= 0"):
+        dense_below_setting(-1)

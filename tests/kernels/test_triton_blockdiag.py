@@ -76,3 +76,16 @@ def test_factored_kernel_serves_with_triton_wrappers_in_interpreter():
         """
     )
     assert "ok" in out
+
+
+def test_kernel_uses_int64_offsets_and_no_tf32():
+    """Issue 19 item 9: pointer offsets were int32 (overflow at T * d >= 2**31) and fp32 ``tl.dot``
+    ran in TF32. The numbers are checked on a GPU (tests/kernels/test_cuda_kernels.py); here the
+    kernel's source, which the interpreter cannot show wrong."""
+    import inspect
+
+    from armor_vllm.kernels import triton_blockdiag
+
+    source = inspect.getsource(triton_blockdiag._blockdiag_kernel.fn)
+    assert 'input_precision="ieee"' in source
+    assert "pid_t.to(tl.int64)" in source and "j.to(tl.int64)" in source

@@ -273,3 +273,35 @@ def test_plain_checkpoint_without_wrappers(kernel, monkeypatch):
     method.process_weights_after_loading(layer)
     x = torch.randn(3, D_IN)
     torch.testing.assert_close(method.apply(layer, x), x @ torch.cat(list(cores.values())).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["folded", "cusparselt"])
+def test_served_weight_bytes_are_reported_against_dense(kernel, stand_in, monkeypatch, tmp_path):
+    """Issue 19 item 3: every layer's report line and the plugin's totals give the weight bytes it
+    serves against the dense weight's; the 2:4 path serves fewer, ``folded`` exactly as many."""
+    import json
+
+    report = tmp_path / "kernels.jsonl"
+    monkeypatch.setenv(vq.KERNEL_ENV, kernel)
+    monkeypatch.setenv("ARMOR_VLLM_KERNEL_REPORT", str(report))
+    d_in = 256
+    layers = {p: random_armor_layer(r * 2, d_in, BS, i, spread=0.2) for i, (p, r) in enumerate(SIZES.items())}
+    tensors = {}
+    for p, lay in layers.items():
+        tensors.update(encode_layer(f"{PREFIX}.{p}", lay, torch.float16))
+    cfg = quant_config()
+    sizes = tuple(2 * r for r in SIZES.values())
+    layer, method = build(cfg, sizes=sizes, d_in=d_in, dtype=torch.float16)
+    assert cfg.linear_methods == 1
+    load(layer, tensors, {"q_proj": "q", "k_proj": "k", "v_proj": "v"})
+    method.process_weights_after_loading(layer)
+    (entry,) = [json.loads(line) for line in report.read_text().splitlines()]
+    assert entry["dense_bytes"] == sum(sizes) * d_in * 2
+    if kernel == "folded":
+        assert entry["weight_bytes"] == entry["dense_bytes"]
+    else:
+        assert entry["plan"]["backend"] == "cusparselt" and entry["weight_bytes"] < entry["dense_bytes"]
+    assert (cfg.prepared, cfg.served_bytes, cfg.dense_bytes) == (1, entry["weight_bytes"], entry["dense_bytes"])
+    x = torch.randn(3, d_in).half()
+    want = qkv_reference(layers, x)
+    assert float((method.apply(layer, x).float() - want).norm() / want.norm()) < 1e-2

@@ -26,6 +26,10 @@ from conftest import run_vllm_jobs
 
 pytestmark = pytest.mark.slow
 
+# Logprob tolerance of runs whose floating-point order differs from the reference (compiled mode,
+# TP=2, the other backend, folded layers): measured 2.9e-3 to 8.6e-3 in fp16 (the largest: TP=2
+# auto, its q/k/v folded); 1.5e-2 leaves a margin (was 5e-2).
+FP16_TOL = 1.5e-2
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "In Python, a list comprehension"]
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank on this single-NUMA machine
 N_LINEARS = 2 * 4  # 2 decoder layers x (qkv, o, gate_up, down)
@@ -36,6 +40,9 @@ RUNS = {
     "cusparselt-compiled": ("tp_checkpoint", "cusparselt", False, 1, True, {}),
     # ARMOR_VLLM_DENSE_BELOW=0 keeps the 2:4 path: on this CPU the dense matmul would win every measurement.
     "auto-tp2": ("tp_checkpoint", "auto", True, 2, True, {"ARMOR_VLLM_DENSE_BELOW": "0", **TP2_ENV}),
+    # CUTLASS through vLLM, explicitly (the TP=2 auto run may pick either backend)
+    "cutlass": ("tp_checkpoint", "cutlass", True, 1, True, {}),
+    "cusparselt-tp2-compiled": ("tp_checkpoint", "cusparselt", False, 2, True, TP2_ENV),
     "plain-folded": ("tp_plain_checkpoint", "folded", True, 1, False, {}),
     "plain-cusparselt-compiled": ("tp_plain_checkpoint", "cusparselt", False, 1, True, {}),
 }
@@ -105,22 +112,51 @@ def test_cusparselt_path_in_vllm_compiled_mode(runs):
     assert result["greedy_ids"] == reference["greedy_ids"]
     diffs = logprob_diffs(result, reference)
     print(f"compiled vs eager: max |dlogprob| {max(diffs):.2e}")
-    assert max(diffs) <= 5e-2
+    assert max(diffs) <= FP16_TOL
 
 
 def test_auto_plans_at_tensor_parallel_2(runs):
     """``auto`` measures in each rank's process; rank 0's plan is broadcast over vLLM's
-    tensor-parallel group so that both ranks run the same plan for every layer."""
+    tensor-parallel group so that both ranks run the same plan for every layer. A layer whose 2:4
+    form (core + wrappers) would take more bytes than its dense weight is served folded (issue 19
+    item 3: ``auto`` never serves more weight memory than dense): here the fused q/k/v, whose three
+    distinct ``B`` cost 3 x 256 x 32 per rank next to a 256 x 256 core."""
     result, reference = runs["auto-tp2"], runs["reference"]
-    assert_sparse_everywhere(result, {"cusparselt", "cutlass"}, ranks=2)
+    served = result["kernels"]
+    assert len(served) == N_LINEARS * 2 and {e["rank"] for e in served} == {0, 1}
     by_layer = {}
-    for entry in result["kernels"]:
-        by_layer.setdefault(entry["layer"], []).append(entry["plan"])
-    assert all(len(plans) == 2 and plans[0] == plans[1] for plans in by_layer.values()), by_layer
+    for entry in served:
+        by_layer.setdefault(entry["layer"], []).append(entry)
+        assert entry["weight_bytes"] <= entry["dense_bytes"], entry
+        if entry["plan"]["backend"] == "folded":
+            assert entry["weight_bytes"] == entry["dense_bytes"], entry
+    assert all(len(es) == 2 and es[0]["plan"] == es[1]["plan"] for es in by_layer.values()), by_layer
+    sparse = {layer for layer, es in by_layer.items() if es[0]["plan"]["backend"] in ("cusparselt", "cutlass")}
+    assert {layer.rsplit(".", 1)[1] for layer in sparse} >= {"o_proj", "gate_up_proj", "down_proj"}, by_layer
     assert result["greedy_ids"] == reference["greedy_ids"]
     diffs = logprob_diffs(result, reference)
     print(f"TP=2 vs TP=1: max |dlogprob| {max(diffs):.2e}")
-    assert max(diffs) <= 5e-2
+    assert max(diffs) <= FP16_TOL
+
+
+def test_cutlass_path_through_vllm(runs):
+    """Issue 19 item 8: ``ARMOR_VLLM_KERNEL=cutlass`` served by vLLM end to end (stand-in)."""
+    result, reference = runs["cutlass"], runs["reference"]
+    assert_sparse_everywhere(result, "cutlass")
+    assert result["greedy_ids"] == reference["greedy_ids"]
+    diffs = logprob_diffs(result, reference)
+    print(f"CUTLASS stand-in vs factored: max |dlogprob| {max(diffs):.2e}")
+    assert max(diffs) <= FP16_TOL
+
+
+def test_cusparselt_path_compiled_at_tensor_parallel_2(runs):
+    """Issue 19 item 8: compiled mode at TP=2 (it was tested at TP=1 only)."""
+    result, reference = runs["cusparselt-tp2-compiled"], runs["reference"]
+    assert_sparse_everywhere(result, "cusparselt", ranks=2)
+    assert result["greedy_ids"] == reference["greedy_ids"]
+    diffs = logprob_diffs(result, reference)
+    print(f"TP=2 compiled vs TP=1 eager: max |dlogprob| {max(diffs):.2e}")
+    assert max(diffs) <= FP16_TOL
 
 
 def test_plain_24_checkpoint_on_the_cusparselt_path_compiled(runs):
@@ -129,4 +165,66 @@ def test_plain_24_checkpoint_on_the_cusparselt_path_compiled(runs):
     assert result["greedy_ids"] == reference["greedy_ids"]
     diffs = logprob_diffs(result, reference)
     print(f"plain 2:4 cuSPARSELt stand-in (compiled) vs folded (eager): max |dlogprob| {max(diffs):.2e}")
-    assert max(diffs) <= 5e-2
+    assert max(diffs) <= FP16_TOL
+
+
+# -- issue 19 item 1: a warm compile cache with another kernel choice --------------------------------
+
+# One VLLM_CACHE_ROOT for all three, in this order: vLLM keys its saved compiled model on its own
+# config and env only, so each later run loads the graph the first one compiled.
+CACHE_RUNS = {
+    "cache-folded": ("folded", False, {}),
+    "cache-cusparselt": ("cusparselt", True, {}),
+    "cache-cusparselt-dense4": ("cusparselt", True, {"ARMOR_VLLM_DENSE_BELOW": "4"}),
+}
+
+
+@pytest.fixture(scope="module")
+def cache_runs(tp_checkpoint, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tp_checkpoint)
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    cache_root = tmp_path_factory.mktemp("vllm-cache")
+    work = tmp_path_factory.mktemp("cache-reports")
+    jobs = []
+    for name, (kernel, standin, env) in CACHE_RUNS.items():
+        jobs.append(
+            {
+                "model": tp_checkpoint,
+                "standin": standin,
+                "env": {
+                    "ARMOR_VLLM_KERNEL": kernel,
+                    "ARMOR_VLLM_KERNEL_REPORT": str(work / f"{name}.jsonl"),
+                    "VLLM_CACHE_ROOT": str(cache_root),
+                    **env,
+                },
+                "request": {"prompt_ids": prompt_ids, "max_tokens": 8, "dtype": "float16", "enforce_eager": False},
+            }
+        )
+    results = {}
+    for name, result in zip(CACHE_RUNS, run_vllm_jobs(jobs)):
+        assert "error" not in result, (name, result.get("error"), result.get("log_tail"))
+        result["kernels"] = [json.loads(line) for line in (work / f"{name}.jsonl").read_text().splitlines()]
+        results[name] = result
+    results["cache_dirs"] = sorted(p.name for p in (cache_root / "torch_compile_cache").iterdir())
+    return results
+
+
+def test_warm_compile_cache_with_another_kernel_choice(cache_runs):
+    """Issue 19 item 1: restarting with another ``ARMOR_VLLM_KERNEL`` or ``ARMOR_VLLM_DENSE_BELOW``
+    reloaded a compiled graph that read ``layer.weight`` (absent on a factored layer) or took the
+    wrong tensor as the dense copy. Every ARMOR layer now traces as the same op, so the one cached
+    graph (one cache entry for all three runs) serves each choice correctly."""
+    assert len(cache_runs["cache_dirs"]) == 1, cache_runs["cache_dirs"]  # the cache really was reused
+    folded = cache_runs["cache-folded"]
+    assert {e["plan"]["backend"] for e in folded["kernels"]} == {"folded"}
+    for name in ("cache-cusparselt", "cache-cusparselt-dense4"):
+        result = cache_runs[name]
+        assert_sparse_everywhere(result, "cusparselt")
+        expect_dense = 4 if name.endswith("dense4") else 0
+        assert {e["plan"]["dense_below"] for e in result["kernels"]} == {expect_dense}
+        assert result["greedy_ids"] == folded["greedy_ids"], name
+        diffs = logprob_diffs(result, folded)
+        print(f"{name} vs folded, one compiled graph: max |dlogprob| {max(diffs):.2e}")
+        assert max(diffs) <= FP16_TOL, name
