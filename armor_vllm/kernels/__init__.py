@@ -32,13 +32,13 @@ from typing import Callable
 
 import torch
 
-from armor_vllm.kernels.backends import SPARSE_BACKENDS, any_sparse_backend
+from armor_vllm.kernels.backends import SPARSE_BACKENDS, any_sparse_backend, get_backend
 from armor_vllm.kernels.base import ArmorKernel, ArmorShards
 from armor_vllm.kernels.factored import FactoredKernel
 from armor_vllm.kernels.folded import FoldedKernel
 from armor_vllm.kernels.plan import KernelPlan
 
-KERNEL_MODES = ("auto", "folded", "factored", *SPARSE_BACKENDS, "dense")
+KERNEL_MODES = ("auto", "folded", "factored", *SPARSE_BACKENDS, "cpu24", "dense")
 
 
 def select_kernel(
@@ -58,6 +58,13 @@ def select_kernel(
         return FoldedKernel(key=key)
     if mode == "factored":
         return FactoredKernel(backend="dense", device=device, key=key, max_tokens=max_tokens)
+    if mode == "cpu24":
+        if not get_backend("cpu24").available(device):
+            warnings.warn(
+                f"ARMOR kernel 'cpu24' needs a CPU where the C++ 2:4 kernel builds; running 'folded' on {device}"
+            )
+            return FoldedKernel(key=key)
+        return FactoredKernel(backend="cpu24", device=device, key=key, max_tokens=max_tokens)
     if not any_sparse_backend(device):
         if mode != "auto":
             warnings.warn(f"ARMOR kernel {mode!r} needs a CUDA GPU with 2:4 support; running 'folded' on {device}")

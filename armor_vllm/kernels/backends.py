@@ -204,8 +204,45 @@ CUTLASS = CoreBackend(
 )
 
 
-BACKENDS: dict[str, CoreBackend] = {b.name: b for b in (CUSPARSELT, CUTLASS, DENSE)}
-SPARSE_BACKENDS = ("cusparselt", "cutlass")  # preference order
+# ---------------------------------------------------------------------------------------------
+# cpu24: our CPU kernel that reads the compressed form (kernels.cpu_sparse; AVX-512 / AVX2 / scalar)
+
+
+def _cpu24_ok(device: torch.device) -> bool:
+    if torch.device(device).type != "cpu":
+        return False
+    from armor_vllm.kernels import cpu_sparse
+
+    return cpu_sparse.available()
+
+
+def _cpu24_compress(core: torch.Tensor) -> list[torch.Tensor]:
+    from armor_vllm.kernels import cpu_sparse
+
+    packed = cpu_sparse.pack(core, core.dtype)
+    return [packed.values, packed.meta, torch.tensor([packed.n, packed.k], dtype=torch.int64)]
+
+
+def _cpu24_matmul(stored: list[torch.Tensor], h: torch.Tensor, bias: torch.Tensor | None, opts=None) -> torch.Tensor:
+    from armor_vllm.kernels import cpu_sparse
+
+    n, k = (int(v) for v in stored[2].tolist())
+    return cpu_sparse.sparse24_linear(h, cpu_sparse.PackedCore(stored[0], stored[1], n, k), bias)
+
+
+CPU24 = CoreBackend(
+    name="cpu24",
+    compress=_cpu24_compress,
+    matmul=_cpu24_matmul,
+    available=_cpu24_ok,
+    dtypes=(torch.float32, torch.bfloat16),
+    col_multiple=4,
+    sparse=False,  # no library contract on the bias (alignment, dtype) to meet
+)
+
+
+BACKENDS: dict[str, CoreBackend] = {b.name: b for b in (CUSPARSELT, CUTLASS, DENSE, CPU24)}
+SPARSE_BACKENDS = ("cusparselt", "cutlass")  # the GPU 2:4 libraries, in preference order
 
 
 def get_backend(name: str) -> CoreBackend:
@@ -232,6 +269,7 @@ __all__ = [
     "CUSPARSELT",
     "CUTLASS",
     "CUTLASS_OPS",
+    "CPU24",
     "CoreBackend",
     "DENSE",
     "HALF_DTYPES",

@@ -8,7 +8,7 @@ matmul at small token counts, and the server holds no dense copy.
 What: a PyTorch C++ extension (``csrc/sparse24_cpu.cpp``) built with the machine's compiler at first
 use and cached under ``~/.cache/armor-vllm/torch_extensions/<hash of sources + torch version>``. One
 build runs everywhere: AVX-512 (with AVX512_BF16's ``vdpbf16ps`` when x and storage are bf16),
-AVX2+FMA and a scalar path are chosen at run time (``ARMOR_CPU_ISA=avx512bf16|avx512|avx2|scalar``
+AVX2+FMA and a scalar path are chosen at run time (``ARMOR_VLLM_CPU_ISA=avx512bf16|avx512|avx2|scalar``
 forces a lower one). Threads: ``at::parallel_for`` over 16-row tiles (``torch.set_num_threads``).
 If the extension cannot be built, one warning is issued and ``available()`` is False: callers keep
 today's kernels.
@@ -23,7 +23,7 @@ API::
     armor_linear(x, packed, wrapper_in, wrapper_out, bias)   # A (S (B x)) + bias
 
 Accumulation is fp32; the output has x's dtype. Above ``large_batch_tokens()`` tokens (128;
-``ARMOR_CPU_SPARSE_MAX_TOKENS`` read at first use) the core is decompressed per call into a temporary
+``ARMOR_VLLM_CPU_SPARSE_MAX_TOKENS`` read at first use) the core is decompressed per call into a temporary
 dense weight for ``at::linear`` (prefill); nothing dense is kept between calls. Up to 128 tokens the
 compressed kernel measured faster than decompress + GEMM on a Zen 4 EPYC (2026, shared machine).
 """
@@ -97,7 +97,7 @@ def available() -> bool:
 def isa() -> str:
     """The vector path ``sparse24_linear`` takes on this machine: ``avx512bf16`` (used when x and
     storage are bf16; otherwise as ``avx512``), ``avx512``, ``avx2`` or ``scalar``; ``none`` when the
-    extension is not available. ``ARMOR_CPU_ISA`` forces a lower path."""
+    extension is not available. ``ARMOR_VLLM_CPU_ISA`` forces a lower path."""
     ext = _load()
     return ext.isa() if ext is not None else "none"
 

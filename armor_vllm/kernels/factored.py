@@ -65,7 +65,7 @@ from armor_vllm.kernels.plan import (
     wrapper_ranges,
 )
 
-MODES = ("auto", *SPARSE_BACKENDS, "dense")
+MODES = ("auto", *SPARSE_BACKENDS, "cpu24", "dense")
 WRAPPERS = (*IMPLS, "auto")
 CHECK_TOKENS = (1, 5, 37)  # always verified; plus the edges of the plan's ranges and ``max_tokens``
 MEASURE_AT = 1024  # tokens at which sparse backends are compared with each other
@@ -145,6 +145,14 @@ class FactoredKernel(ArmorKernel):
     def _candidates(self, device: torch.device, dtype: torch.dtype) -> list[str]:
         if self.backend == "dense":
             return ["dense"]
+        if self.backend == "cpu24":  # our CPU kernel: it runs where it builds, for fp32 and bf16
+            backend = get_backend("cpu24")
+            if backend.available(device) and backend.supports(dtype):
+                return ["cpu24"]
+            if self.strict:
+                raise RuntimeError(f"ARMOR {self.key}: cpu24 cannot run {dtype} on {device}")
+            warnings.warn(f"ARMOR {self.key}: cpu24 cannot run {dtype} on {device}; using the folded dense weight")
+            return []
         usable = usable_sparse_backends(device, dtype)
         if self.backend == "auto":
             return usable

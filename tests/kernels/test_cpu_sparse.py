@@ -1,6 +1,6 @@
 """The CPU 2:4 kernel (``armor_vllm.kernels.cpu_sparse``) against the reference maths: ``F.linear`` on
 the dense core for the plain core, ``factored_linear`` for ARMOR layers. Every vector path the CPU
-has is forced through ``ARMOR_CPU_ISA``; the file skips when the extension cannot be built."""
+has is forced through ``ARMOR_VLLM_CPU_ISA``; the file skips when the extension cannot be built."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, x_dtype: torch.dtype):
 @pytest.fixture
 def isa_env(monkeypatch):
     def force(name):
-        monkeypatch.setenv("ARMOR_CPU_ISA", name)
+        monkeypatch.setenv("ARMOR_VLLM_CPU_ISA", name)
         assert cpu_sparse.isa() == name
 
     return force
@@ -187,3 +187,57 @@ def test_custom_op_under_torch_compile():
     torch.library.opcheck(
         torch.ops.armor_vllm.cpu_sparse24_mm.default, (torch.randn(3, 32), packed.values, packed.meta, 48, 32, bias)
     )
+
+
+# -- the kernel as the plugin's `cpu24` core backend (ARMOR_VLLM_KERNEL=cpu24) ----------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "out_sizes,wrappers_in,identity_out",
+    [
+        ([96, 32, 32], "distinct", False),  # fused q/k/v, each shard its own B and A
+        ([64, 64], "equal", False),  # gate/up sharing B: one stacked core
+        ([48], "identity", True),  # a plain 2:4 layer (no wrappers)
+    ],
+)
+def test_the_cpu24_backend_serves_through_the_op(dtype, tol, out_sizes, wrappers_in, identity_out):
+    """Every token count 1..17 (and 64), with and without bias, fused shards with distinct wrappers,
+    through the one custom op, eager and under a vLLM-like compile; no dense copy kept."""
+    from kernel_helpers import make_shards, reference, rel_err, vllm_like_compile
+
+    from armor_vllm.kernels import select_kernel
+    from armor_vllm.kernels.linear_op import LAYERS
+
+    shards = make_shards(out_sizes, 64, 16, wrappers_in=wrappers_in, identity_out=identity_out, seed=3)
+    kernel = select_kernel("cpu24", "cpu", key=f"cpu24-{dtype}-{wrappers_in}")
+    tensors = kernel.prepare(shards, dtype)
+    assert kernel.plan.backend == "cpu24" and kernel.layout.backend == "cpu24"
+    entry = LAYERS[kernel.key]
+    names = kernel.layout.tensor_order()
+    core_bytes = sum(t.numel() * t.element_size() for n, t in zip(names, entry.tensors) if n.startswith("core"))
+    dense_bytes = sum(c.numel() for c in shards.cores) * dtype.itemsize
+    assert core_bytes < 0.7 * dense_bytes, (core_bytes, dense_bytes)  # the compressed form, no dense copy
+    assert "dense_weight" not in names
+    rounded = make_shards(out_sizes, 64, 16, wrappers_in=wrappers_in, identity_out=identity_out, seed=3)
+    rounded.cores = [c.to(dtype).float() for c in rounded.cores]
+    bias = torch.randn(sum(out_sizes))
+    compiled = vllm_like_compile(lambda x, b: kernel.apply(tensors, x, b))
+    for n_tokens in [*range(1, 18), 64]:
+        x = torch.randn(n_tokens, 64).to(dtype)
+        for b in (None, bias.to(dtype)):
+            want = reference(rounded, x.float(), None if b is None else b.float())
+            assert rel_err(kernel.apply(tensors, x, b), want) < tol, (n_tokens, b is None)
+        if n_tokens in (1, 9, 64):
+            xd = torch.randn(n_tokens, 64).to(dtype)
+            torch._dynamo.mark_dynamic(xd, 0)
+            assert rel_err(compiled(xd, None), reference(rounded, xd.float())) < tol
+
+
+def test_cpu24_where_it_cannot_run_falls_back_to_folded(monkeypatch):
+    from armor_vllm.kernels import FoldedKernel, select_kernel
+    from armor_vllm.kernels import cpu_sparse as cs
+
+    monkeypatch.setattr(cs, "available", lambda: False)
+    with pytest.warns(UserWarning, match="cpu24"):
+        assert isinstance(select_kernel("cpu24", "cpu"), FoldedKernel)

@@ -77,14 +77,35 @@ def runs(armor_checkpoint, tp_checkpoint, hf_reference, tmp_path_factory):
     request = {"prompt_ids": hf_reference["prompt_ids"], "max_tokens": 8, "dtype": "float32"}
     jobs = {
         kernel: {"model": armor_checkpoint, "request": request, "env": {"ARMOR_VLLM_KERNEL": kernel}}
-        for kernel in ("folded", "factored")
+        for kernel in ("folded", "factored", "cpu24")
     }
+    # our CPU 2:4 kernel in vLLM's default compiled mode too (one custom op in the graph)
+    jobs["cpu24-compiled"] = {
+        "model": armor_checkpoint,
+        "request": {**request, "enforce_eager": False},
+        "env": {"ARMOR_VLLM_KERNEL": "cpu24"},
+    }
+    reports = tmp_path_factory.mktemp("reports")
+    for name in ("cpu24", "cpu24-compiled"):  # which kernel really served every layer
+        jobs[name]["env"]["ARMOR_VLLM_KERNEL_REPORT"] = str(reports / f"{name}.jsonl")
     broken = _broken_copies(armor_checkpoint, tp_checkpoint, tmp_path_factory.mktemp("broken"))
     jobs.update({name: {"model": path, "request": {}} for name, path in broken.items()})
-    return dict(zip(jobs, run_vllm_jobs(list(jobs.values()))))
+    results = dict(zip(jobs, run_vllm_jobs(list(jobs.values()))))
+    for name in ("cpu24", "cpu24-compiled"):
+        path = reports / f"{name}.jsonl"
+        results[name]["kernels"] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return results
 
 
-@pytest.mark.parametrize("kernel", ["folded", "factored"])
+@pytest.mark.parametrize("name", ["cpu24", "cpu24-compiled"])
+def test_the_cpu_2_4_kernel_serves_every_layer(runs, name):
+    """ARMOR_VLLM_KERNEL=cpu24: every compressed linear runs the C++ kernel on the compressed form."""
+    kernels = runs[name]["kernels"]
+    assert len(kernels) == 4 * 30, len(kernels)  # vLLM's qkv_proj, o_proj, gate_up_proj, down_proj per layer
+    assert all(k["plan"]["backend"] == "cpu24" for k in kernels), {k["plan"]["backend"] for k in kernels}
+
+
+@pytest.mark.parametrize("kernel", ["folded", "factored", "cpu24", "cpu24-compiled"])
 def test_vllm_matches_transformers(runs, hf_reference, kernel):
     result = runs[kernel]
     assert "error" not in result, (result.get("error"), result.get("log_tail"))

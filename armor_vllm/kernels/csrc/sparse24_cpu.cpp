@@ -18,7 +18,7 @@
 // (one read of the weights serves up to 8 tokens; more tokens loop over K-chunks kept in cache).
 // With AVX512_BF16 and bf16 x and storage, vdpbf16ps does v0*x[i0] + v1*x[i1] in one instruction.
 //
-// ISA is dispatched at run time (__builtin_cpu_supports), overridable with ARMOR_CPU_ISA =
+// ISA is dispatched at run time (__builtin_cpu_supports), overridable with ARMOR_VLLM_CPU_ISA =
 // avx512bf16 | avx512 | avx2 | scalar (a request above what the CPU has falls back to the best
 // available path). Threads: at::parallel_for over tiles (torch.set_num_threads / OMP binding).
 #include <torch/extension.h>
@@ -58,7 +58,7 @@ int cpu_best_isa() {
 
 int resolve_isa() {
   static const int best = cpu_best_isa();
-  const char* env = std::getenv("ARMOR_CPU_ISA");
+  const char* env = std::getenv("ARMOR_VLLM_CPU_ISA");
   if (!env || !*env) return best;
   std::string s(env);
   int want = best;
@@ -492,7 +492,7 @@ torch::Tensor mm(const torch::Tensor& x_in, const torch::Tensor& values, const t
 // (measured faster there); nothing dense outlives the call.
 int64_t large_batch_tokens() {
   static const int64_t v = [] {
-    const char* e = std::getenv("ARMOR_CPU_SPARSE_MAX_TOKENS");
+    const char* e = std::getenv("ARMOR_VLLM_CPU_SPARSE_MAX_TOKENS");
     return e && *e ? std::atoll(e) : (int64_t)128;
   }();
   return v;
@@ -538,7 +538,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack", &unpack, "(values, meta, N, K) -> dense core (N, K)");
   m.def("mm", &mm, "y = x @ S^T + bias from the packed core");
   m.def("large_batch_tokens", &large_batch_tokens, "tokens above which mm decompresses per call");
-  m.def("isa", &isa_string, "the path mm takes here (ARMOR_CPU_ISA applied)");
+  m.def("isa", &isa_string, "the path mm takes here (ARMOR_VLLM_CPU_ISA applied)");
   m.def("best_isa", &best_isa_string, "the best path this CPU supports");
   m.attr("TILE") = TILE;
 }
