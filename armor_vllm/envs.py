@@ -13,6 +13,10 @@ name                              meaning
 ``ARMOR_VLLM_DENSE_BELOW``        keep a folded dense copy beside the 2:4 core and serve up to this many
                                   tokens with it (costs the dense weight's memory again); unset or 0:
                                   never (the default); ``auto``: where measured faster
+``ARMOR_VLLM_CPU_ISA``            force a lower path of the CPU 2:4 kernel (``avx512bf16``, ``avx512``,
+                                  ``avx2``, ``scalar``; read by ``kernels/csrc/sparse24_cpu.cpp``)
+``ARMOR_VLLM_CPU_SPARSE_MAX_TOKENS``  above this many tokens the CPU 2:4 kernel decompresses a tile
+                                  into a dense GEMM (default 128)
 ================================  ============================================================
 """
 

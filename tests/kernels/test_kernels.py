@@ -104,7 +104,7 @@ def test_blockdiag_compiles_full_graph(bias):
 
 
 def test_modes_and_selection():
-    assert set(KERNEL_MODES) == {"auto", "folded", "factored", "cusparselt", "cutlass", "dense"}
+    assert set(KERNEL_MODES) == {"auto", "folded", "factored", "cusparselt", "cutlass", "cpu24", "dense"}
     with pytest.raises(ValueError, match="unknown ARMOR kernel"):
         select_kernel("cuslt", "cpu")
     with pytest.raises(ValueError):
