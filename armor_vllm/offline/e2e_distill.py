@@ -32,7 +32,7 @@ How:
   layer files hold them) and after (the tuned factors as they will be STORED: kept values rounded to
   the checkpoint dtype, wrappers float32); the layer files are rewritten only when it went down.
 * **Resumable.** In the work directory: ``e2e-teacher.safetensors`` (teacher cache),
-  ``e2e-before.json`` (the starting objective), ``e2e-state.pt`` (step, training seconds, the factors
+  ``e2e-before.json`` (the starting objective), ``e2e-state.safetensors`` (step, training seconds, the factors
   and Adam's state: saved every ``SAVE_SECONDS`` and when training ends, so a resumed run continues
   exactly where the saved one stood and gives the same bytes for a step budget) and
   ``e2e-done.json`` (written after the layer files: a rerun skips the whole phase). The time budget
@@ -59,7 +59,7 @@ from armor_vllm.core.format import BITMASK, COMPRESSED, SHAPE, WRAPPER_IN, WRAPP
 
 TEACHER_FILE = "e2e-teacher.safetensors"
 BEFORE_FILE = "e2e-before.json"
-STATE_FILE = "e2e-state.pt"
+STATE_FILE = "e2e-state.safetensors"
 DONE_FILE = "e2e-done.json"
 SAVE_SECONDS = 120.0  # how often the training state is saved (seconds of training)
 TUNABLE_KINDS = ("linear", "conv1d")
@@ -311,10 +311,36 @@ def batch_rows(step: int, batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def _save_state(path: Path, state: dict) -> None:
+def _save_state(path: Path, step: int, seconds: float, params: list[list[torch.Tensor]], optimizer) -> None:
+    """The training state as safetensors (tensors) + JSON metadata (counters, Adam's param groups):
+    only safetensors and JSON are ever read back."""
+    tensors = {f"param.{g}.{i}": p.detach().contiguous() for g, group in enumerate(params) for i, p in enumerate(group)}
+    opt = optimizer.state_dict()
+    for index, entry in opt["state"].items():
+        for key, value in entry.items():
+            tensors[f"adam.{index}.{key}"] = torch.as_tensor(value).contiguous()
+    meta = {"step": step, "seconds": seconds, "param_groups": opt["param_groups"]}
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def _load_state(path: Path, params: list[list[torch.Tensor]], optimizer, device) -> tuple[int, float]:
+    """Restore what ``_save_state`` wrote into ``params`` and ``optimizer``; returns (step, seconds)."""
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        meta = json.loads(handle.metadata()["state"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    with torch.no_grad():
+        for g, group in enumerate(params):
+            for i, p in enumerate(group):
+                p.copy_(tensors[f"param.{g}.{i}"])
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("adam."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"]), float(meta["seconds"])
 
 
 def _teacher(model, samples, work: Path, options: E2EOptions, device) -> Teacher:
@@ -379,19 +405,10 @@ def run_e2e(
     state_file = work / STATE_FILE
     step, trained = 0, 0.0
     if state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=True)
-        with torch.no_grad():
-            for group, saved in zip(student.params, state["params"]):
-                for p, s in zip(group, saved):
-                    p.copy_(s)
-        optimizer.load_state_dict(state["optimizer"])
-        step, trained = state["step"], state["seconds"]
+        step, trained = _load_state(state_file, student.params, optimizer, device)
 
     def save():
-        params = [[p.detach() for p in group] for group in student.params]
-        _save_state(
-            state_file, {"step": step, "seconds": trained, "params": params, "optimizer": optimizer.state_dict()}
-        )
+        _save_state(state_file, step, trained, student.params, optimizer)
 
     progress = tqdm(total=options.steps, initial=step, desc="e2e distillation", unit="step")
     last_save = trained

@@ -108,9 +108,9 @@ def test_an_interrupted_e2e_run_resumes_to_the_same_bytes(sharp_model_dir, e2e_r
     real_save, real_rows = e2e_distill._save_state, e2e_distill.batch_rows
     steps = []
 
-    def save_then_die(path, state):
-        real_save(path, state)
-        if state["step"] == 2:
+    def save_then_die(path, step, *rest):
+        real_save(path, step, *rest)
+        if step == 2:
             raise KeyboardInterrupt("simulated kill")
 
     monkeypatch.setattr(e2e_distill, "_save_state", save_then_die)
