@@ -20,38 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Options a recipe file (and compress) may set. Those in METHOD_OPTION_KEYS go to the method.
-RECIPE_KEYS = {
-    "model",
-    "method",
-    "block_size",
-    "calib_samples",
-    "seq_len",
-    "calib_data",
-    "order",
-    "seed",
-    "ignore",
-    "preset",
-    "iterations",
-    "lr",
-    "objective",
-    "init",
-    "device",
-    "distill",
-    "distill_steps",
-    "distill_max_seconds",
-    "distill_lr",
-    "distill_target",
-    "output_target",
-    "output_target_mix",
-    "e2e",
-    "e2e_steps",
-    "e2e_seconds",
-    "e2e_lr",
-    "e2e_topk",
-    "e2e_batch",
-    "e2e_hidden",
-}
+# Options that go to the compression method (OfflineOptions.method_options).
 METHOD_OPTION_KEYS = (
     "preset",
     "iterations",
@@ -74,6 +43,19 @@ METHOD_OPTION_KEYS = (
     "e2e_batch",
     "e2e_hidden",
 )
+# Options a recipe file (and compress) may set: the run's own, and the method's (METHOD_OPTION_KEYS).
+RECIPE_KEYS = {
+    "model",
+    "method",
+    "block_size",
+    "calib_samples",
+    "seq_len",
+    "calib_data",
+    "order",
+    "seed",
+    "ignore",
+    *METHOD_OPTION_KEYS,
+}
 # How and where the run happens rather than what it computes (never in a recipe).
 RUN_KEYS = ("overwrite", "workers", "ray_address")
 
