@@ -45,6 +45,7 @@ from armor_vllm.core.format import (
 from armor_vllm.kernels import ArmorShards, select_kernel
 from armor_vllm.kernels.linear_op import LAYERS, LayerEntry, call_op, register_layer
 from armor_vllm.kernels.plan import KernelPlan
+from armor_vllm.serving.host_memory import trim_host_heap
 from armor_vllm.serving.weight_slicing import rank_slice, slice_for_rank, split_fused
 
 if TYPE_CHECKING:
@@ -279,7 +280,12 @@ class ArmorLinearMethod(LinearMethodBase):
             offset += rows
         for name in tensor_names:
             delattr(layer, name)
-        self._prepare(layer, ArmorShards.from_layers(shards, layer.armor_block_size), layer.armor_params_dtype)
+        prepared = ArmorShards.from_layers(shards, layer.armor_block_size)
+        on_host = prepared.wrapper_out.device.type == "cpu"
+        self._prepare(layer, prepared, layer.armor_params_dtype)
+        del shards, prepared
+        if on_host:  # the checkpoint tensors and load temporaries are freed: give their pages back
+            trim_host_heap()
 
     def _rank_tensors(self, layer, shard: int, offset: int, rows: int) -> dict[str, torch.Tensor]:
         """This rank's tensors of one shard, under the shard's checkpoint names, as the layer reader
