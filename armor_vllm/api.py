@@ -9,7 +9,8 @@ runs (the CLI is a thin wrapper over it), in the spirit of llm-compressor's ``on
 Options are the CLI's, with underscores (``block_size``, ``calib_samples``, ``seq_len``,
 ``calib_data``, ``order``, ``seed``, ``ignore``, ``preset``, ``iterations``, ``lr`` ...; the full
 list is ``RECIPE_KEYS`` plus ``RUN_KEYS``); explicit options win over the recipe's, as on the
-command line.
+command line. ``dense_budget`` with ``sensitivity`` (a report of ``python -m armor_vllm.sensitivity``)
+adds the most sensitive matrices to ``ignore`` (``armor_vllm.offline.dense_budget``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ RECIPE_KEYS = {
     "order",
     "seed",
     "ignore",
+    "dense_budget",
+    "sensitivity",
     *METHOD_OPTION_KEYS,
 }
 # How and where the run happens rather than what it computes (never in a recipe).
@@ -99,6 +102,13 @@ def offline_options(
         if value is not None:
             values[key] = str(value) if key == "model" else value
     run = {k: values.pop(k) for k in RUN_KEYS if k in values}
+    budget, report = values.pop("dense_budget", None), values.pop("sensitivity", None)
+    if budget is not None or report is not None:  # leave the most sensitive matrices dense (offline.dense_budget)
+        from armor_vllm.models import resolve_model
+        from armor_vllm.offline import dense_budget
+
+        run["dense_budget"] = dense_budget.resolve(budget, report, resolve_model(values.get("model")))
+        values["ignore"] = list(dict.fromkeys([*(values.get("ignore") or []), *run["dense_budget"]["matrices"]]))
     method_options = {k: values.pop(k) for k in METHOD_OPTION_KEYS if values.get(k) is not None}
     values = {k: v for k, v in values.items() if v is not None}
     return OfflineOptions(

@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore", nargs="+", default=None, help="linears to leave dense (names or re:patterns)")
+    p.add_argument(
+        "--dense-budget",
+        type=float,
+        default=None,
+        metavar="F",
+        help="leave the most sensitive matrices dense, up to this share (0 < F < 1) of the compressible weights: "
+        "chosen by KL gain per weight from --sensitivity (armor_vllm.offline.dense_budget), added to --ignore",
+    )
+    p.add_argument(
+        "--sensitivity",
+        default=None,
+        metavar="REPORT.json",
+        help="with --dense-budget: a report of python -m armor_vllm.sensitivity for this --model",
+    )
     p.add_argument("--preset", default=None, help="ARMOR schedule: quick, default or paper")
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
     p.add_argument("--lr", type=float, default=None, help="ARMOR learning rate (overrides the preset)")
@@ -215,6 +229,13 @@ def _dense_line(summary: dict) -> str:
         f"{reason}: {len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})" for reason, names in reasons.items()
     ]
     line = f"  left dense: {'; '.join(parts) or 'nothing'}"
+    budget = summary.get("dense_budget")
+    if budget:
+        line += (
+            f"\n  dense budget {budget['budget']:g}: {len(budget['matrices'])} matrices "
+            f"({', '.join(budget['groups'])}), {100 * budget['share_of_run']:.1f}% of the compressible weights "
+            f"(report {budget['sensitivity']})"
+        )
     if summary.get("experts"):
         line += (
             f"\n  experts: {summary['experts']} compressed, {summary['experts_stats_fallback']} with too few "

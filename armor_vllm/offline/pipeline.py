@@ -36,6 +36,7 @@ from armor_vllm.core.checkpoint import (
     write_json,
 )
 from armor_vllm.core.format import ArmorConfig, check_layer_block_size, encode_layer
+from armor_vllm.offline import dense_budget
 from armor_vllm.offline import report as report_mod
 from armor_vllm.offline import targets as targets_mod
 from armor_vllm.offline.calibration import CALIBRATION_MIX
@@ -75,9 +76,13 @@ class OfflineOptions:
     # this many worker processes, or an existing Ray cluster (armor_vllm.offline.distributed).
     workers: int | None = None
     ray_address: str | None = None
+    # --dense-budget's choice (offline.dense_budget.resolve): its matrices are also in ``ignore``.
+    dense_budget: dict | None = None
 
     def fingerprint(self) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("output", "overwrite", "workers", "ray_address")}
+        if keep.get("dense_budget") is None:  # a run without it keeps the fingerprint it always had
+            keep.pop("dense_budget", None)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -582,7 +587,8 @@ def _assemble(opts, model_dir, partial, work, source_config, plan, metrics) -> d
         "seconds_distill": sum({m["layer"]: m.get("distill_seconds", 0.0) for m in metrics}.values()),
         "model_type": plan.model_type,
         "compressed_kinds": sorted({m["kind"] for m in metrics}),
-        "dense": [{"name": d.checkpoint, "reason": d.reason} for d in plan.dense],
+        "dense": dense_budget.dense_entries(plan.dense, opts.dense_budget),
+        **({"dense_budget": dense_budget.summary(opts.dense_budget, metrics)} if opts.dense_budget else {}),
         "experts": len({(m["layer"], m["name"].rsplit(".", 1)[0]) for m in metrics if m["kind"] == "expert"}),
         "experts_stats_fallback": len(
             {(m["layer"], m["name"].rsplit(".", 1)[0]) for m in metrics if m.get("stats_fallback")}
