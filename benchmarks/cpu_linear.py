@@ -9,7 +9,8 @@ down 4096x14336) and of the embedded SmolLM2-135M (960x576, 576x576, 3072x576, 5
   oneDNN ``onednn_mm``, whichever vLLM picks here; the JSON records which) and ``layer.cpu_linear`` is
   timed; without vLLM, ``F.linear`` (said in the output);
 - ``2:4``: a random 2:4 core through ``armor_vllm.kernels.cpu_sparse.sparse24_linear``;
-- ``armor``: ``armor_linear`` with bs-64 block-diagonal wrappers: B (bmm), core, A (bmm).
+- ``armor``: ``armor_linear`` with bs-64 block-diagonal wrappers: B, core, A (the wrappers through
+  ``cpu_sparse.blockdiag``, as the plugin runs them at up to 32 tokens).
 
 Timing: warm-up, then ``--rounds`` rounds in which the three paths are timed one after another
 (interleaved, so a busy neighbour slows all of them alike), each round timing enough back-to-back
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from armor_vllm.kernels import cpu_sparse  # noqa: E402
+from armor_vllm.kernels.blockdiag import stack_wrappers  # noqa: E402
 
 SHAPES = {
     "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -136,8 +138,9 @@ def bench_shape(model, name, n, k, dtype, tokens, args, gen, bw):
     dense_fn, dense_name = dense_path(dense_w, None)
     packed = cpu_sparse.pack(core, dtype)
     del core
-    a = (torch.eye(BS) + 0.05 * torch.randn(n // BS, BS, BS, generator=gen)).to(dtype)
-    b = (torch.eye(BS) + 0.05 * torch.randn(k // BS, BS, BS, generator=gen)).to(dtype)
+    # the wrappers as the plugin holds them (kernels.blockdiag.stack_wrappers: blocks transposed)
+    a = stack_wrappers([torch.eye(BS) + 0.05 * torch.randn(n // BS, BS, BS, generator=gen)]).to(dtype)
+    b = stack_wrappers([torch.eye(BS) + 0.05 * torch.randn(k // BS, BS, BS, generator=gen)]).to(dtype)
     bytes_dense = dense_w.numel() * dense_w.element_size()
     bytes_sparse = packed.nbytes()
     bytes_armor = bytes_sparse + (a.numel() + b.numel()) * a.element_size()

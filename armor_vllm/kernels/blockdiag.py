@@ -4,7 +4,8 @@ The maths is ``factorization.apply_block_diag`` (each ``bs``-slice of the input 
 Here it is laid out for speed: the blocks of one or several shards (fused q/k/v, gate/up with
 distinct ``B``) are stacked once at load into one operand ``(n, bs, shards*bs)`` (``stack_wrappers``)
 so that a single batched matmul applies every shard's wrapper. ``impl="triton"`` runs the fused
-Triton kernel of ``triton_blockdiag`` instead (same contract, no permute copy).
+Triton kernel of ``triton_blockdiag`` instead (same contract, no permute copy); ``impl="cpu"`` the C++
+loop of ``cpu_sparse.blockdiag`` (CPU, few tokens: up to ``cpu_sparse.CPU_WRAPPER_MAX_TOKENS``).
 
 Nothing writes through ``out=`` into strided views: ``torch.compile`` refuses non-contiguous
 ``out=`` tensors, and the result here is always a fresh contiguous tensor.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-IMPLS = ("bmm", "triton")
+IMPLS = ("bmm", "triton", "cpu")
 
 
 def stack_wrappers(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -79,7 +80,11 @@ def triton_supported(block_size: int, device: torch.device) -> bool:
 
 
 def blockdiag(x, wt, shards: int = 1, bias=None, impl: str = "bmm"):
-    """``blockdiag_bmm`` or the Triton kernel (same contract)."""
+    """``blockdiag_bmm``, the Triton kernel or the CPU extension's loop (same contract)."""
+    if impl == "cpu":
+        from armor_vllm.kernels import cpu_sparse
+
+        return cpu_sparse.blockdiag(x, wt, shards, bias)
     if impl == "triton":
         from armor_vllm.kernels.triton_blockdiag import blockdiag_triton
 

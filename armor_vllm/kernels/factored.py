@@ -232,7 +232,14 @@ class FactoredKernel(ArmorKernel):
 
     def _fixed_plan(self, backend: str, block_size: int, device) -> KernelPlan:
         below = self.dense_below if isinstance(self.dense_below, int) else 0
-        return KernelPlan(backend=backend, dense_below=below, wrappers=self._fixed_wrappers(block_size, device))
+        wrappers = self._fixed_wrappers(block_size, device)
+        if backend == "cpu24" and self.wrapper in ("auto", "cpu"):
+            # the extension's wrapper loop up to a few tokens, where a batched matmul costs its
+            # dispatch and layout copies (BENCHMARKS.md, CPU kernel); bmm above
+            from armor_vllm.kernels.cpu_sparse import CPU_WRAPPER_MAX_TOKENS
+
+            wrappers = ((CPU_WRAPPER_MAX_TOKENS, "cpu"), (UNBOUNDED, "bmm"))
+        return KernelPlan(backend=backend, dense_below=below, wrappers=wrappers)
 
     def _serve_folded(self, folded: torch.Tensor) -> list[torch.Tensor]:
         self.layout, self.plan = None, KernelPlan(backend="folded")
@@ -397,7 +404,7 @@ class FactoredKernel(ArmorKernel):
         """bmm or Triton at each ladder count (both wrappers' times summed); if Triton fails once it
         is dropped and bmm serves every count."""
         picks = []
-        impls = list(IMPLS)
+        impls = [i for i in IMPLS if i != "cpu"]
         for n_tokens in LADDER:
             times = {}
             for impl in list(impls):

@@ -14,6 +14,7 @@ except ImportError:  # before the package regrouping
     from armor_vllm.factorization import factored_linear, mask_from_scores
 
 from armor_vllm.kernels import cpu_sparse
+from armor_vllm.kernels.blockdiag import stack_wrappers
 
 if not cpu_sparse.available():
     pytest.skip("the CPU 2:4 extension cannot be built here (no compiler or headers)", allow_module_level=True)
@@ -164,10 +165,71 @@ def test_armor_linear_matches_factored_linear(storage, bias):
         ref = factored_linear(
             x.double(), a.double(), core.to(storage).double(), b.double(), None if bvec is None else bvec.double()
         )
-        assert_close(cpu_sparse.armor_linear(x, packed, b, a, bvec), ref, torch.float32)
+        wt_b, wt_a = stack_wrappers([b]), stack_wrappers([a])
+        assert_close(cpu_sparse.armor_linear(x, packed, wt_b, wt_a, bvec), ref, torch.float32)
         # one wrapper only
         ref_b = factored_linear(x.double(), None, core.to(storage).double(), b.double(), None)
-        assert_close(cpu_sparse.armor_linear(x, packed, wrapper_in=b), ref_b, torch.float32)
+        assert_close(cpu_sparse.armor_linear(x, packed, wrapper_in=wt_b), ref_b, torch.float32)
+
+
+# -- the block-diagonal wrappers (op armor_vllm::cpu_blockdiag) ---------------------------------------
+
+
+def blockdiag_reference(x, blocks, bias=None):
+    """fp64: each shard's ``D_s x`` for block-diagonal ``D_s`` given as ``(n, bs, bs)`` blocks."""
+    outs = []
+    for d in blocks:
+        n, bs, _ = d.shape
+        y = torch.einsum("tnj,nij->tni", x.double().view(x.shape[0], n, bs), d.double()).reshape(x.shape[0], n * bs)
+        outs.append(y if bias is None else y + bias.double())
+    return outs[0] if len(outs) == 1 else torch.stack(outs)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    "x_dtype,w_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("shards,bias", [(1, False), (1, True), (2, False), (3, False)])
+def test_blockdiag_matches_reference(isa_env, isa, x_dtype, w_dtype, shards, bias):
+    isa_env(isa)
+    gen = torch.Generator().manual_seed(shards)
+    n, bs = 3, 12  # bs not a multiple of the vector width: the tails run too
+    blocks = [torch.eye(bs) + 0.3 * torch.randn(n, bs, bs, generator=gen) for _ in range(shards)]
+    wt = stack_wrappers(blocks).to(w_dtype)
+    bvec = torch.randn(n * bs, generator=gen) if bias else None
+    stored = [d.to(w_dtype) for d in blocks]  # the reference takes the same rounded blocks
+    for tokens in TOKENS[:17] + [64]:
+        x = torch.randn(tokens, n * bs, generator=gen).to(x_dtype)
+        y = cpu_sparse.blockdiag(x, wt, shards, bvec)
+        assert y.shape == ((tokens, n * bs) if shards == 1 else (shards, tokens, n * bs))
+        assert_close(y, blockdiag_reference(x, stored, bvec), x_dtype)
+
+
+def test_blockdiag_errors_and_empty():
+    wt = stack_wrappers([torch.eye(4).expand(2, 4, 4)])
+    assert cpu_sparse.blockdiag(torch.randn(0, 8), wt).shape == (0, 8)
+    with pytest.raises(RuntimeError, match="x must be"):
+        cpu_sparse.blockdiag(torch.randn(2, 6), wt)
+    with pytest.raises(RuntimeError, match="shards"):
+        cpu_sparse.blockdiag(torch.randn(2, 8), wt, 2)
+    with pytest.raises(RuntimeError, match="bias is only supported"):
+        cpu_sparse.blockdiag(torch.randn(2, 8), torch.cat([wt, wt], 2), 2, torch.randn(8))
+
+
+def test_blockdiag_under_torch_compile():
+    gen = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(4, 8, 8, generator=gen) for _ in range(2)]
+    wt = stack_wrappers(blocks)
+    compiled = torch.compile(lambda x: cpu_sparse.blockdiag(x * 2.0, wt, 2) + 1.0, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 32, generator=gen)
+    assert_close(compiled(x), blockdiag_reference(x * 2.0, blocks) + 1.0, torch.float32)
+    torch.library.opcheck(torch.ops.armor_vllm.cpu_blockdiag.default, (torch.randn(3, 32), wt, 2, None))
 
 
 def test_custom_op_under_torch_compile():
@@ -213,6 +275,9 @@ def test_the_cpu24_backend_serves_through_the_op(dtype, tol, out_sizes, wrappers
     kernel = select_kernel("cpu24", "cpu", key=f"cpu24-{dtype}-{wrappers_in}")
     tensors = kernel.prepare(shards, dtype)
     assert kernel.plan.backend == "cpu24" and kernel.layout.backend == "cpu24"
+    # the extension's wrapper loop at decode sizes, a batched matmul above (both run below)
+    assert kernel.plan.wrapper_for(1) == "cpu" and kernel.plan.wrapper_for(cpu_sparse.CPU_WRAPPER_MAX_TOKENS) == "cpu"
+    assert kernel.plan.wrapper_for(cpu_sparse.CPU_WRAPPER_MAX_TOKENS + 1) == "bmm"
     entry = LAYERS[kernel.key]
     names = kernel.layout.tensor_order()
     core_bytes = sum(t.numel() * t.element_size() for n, t in zip(names, entry.tensors) if n.startswith("core"))

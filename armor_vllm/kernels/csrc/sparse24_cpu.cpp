@@ -521,6 +521,119 @@ torch::Tensor sparse24_mm_op(const torch::Tensor& x, const torch::Tensor& values
   return y.reshape(out_shape);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Block-diagonal wrappers (ARMOR's A and B) for few tokens: y_s[t, j*bs:(j+1)*bs] = x[t, j*bs:(j+1)*bs]
+// @ wt[j][:, s*bs:(s+1)*bs] for every shard s, with wt (n, bs, shards*bs) as kernels.blockdiag stacks
+// it. At decode the wrappers are tiny (2*d*bs numbers) and a batched matmul costs its dispatch and
+// layout copies, not its flops: one pass per block here, fp32 accumulation, any float x / wt dtype.
+
+template <typename wt_t>
+static inline __attribute__((always_inline)) void bd_row(float* __restrict__ a, const wt_t* __restrict__ wr, float xv,
+                                                         int64_t width) {
+  if constexpr (std::is_same<wt_t, float>::value) {
+#pragma GCC ivdep
+    for (int64_t c = 0; c < width; ++c) a[c] += xv * wr[c];
+  } else {  // bf16 -> fp32 is a 16-bit shift: vectorises
+    const uint16_t* __restrict__ wb = reinterpret_cast<const uint16_t*>(wr);
+#pragma GCC ivdep
+    for (int64_t c = 0; c < width; ++c) {
+      const uint32_t u = static_cast<uint32_t>(wb[c]) << 16;
+      float f;
+      std::memcpy(&f, &u, 4);
+      a[c] += xv * f;
+    }
+  }
+}
+
+// Blocks jb..je: each weight row of a block is read once for all T tokens (acc: T x width in L1).
+template <typename xt, typename wt_t, typename ot>
+static inline __attribute__((always_inline)) void bd_blocks(const xt* x, const wt_t* w, const float* bias,
+                                                            ot* out, int64_t T, int64_t n, int64_t bs,
+                                                            int64_t shards, int64_t jb, int64_t je) {
+  const int64_t width = shards * bs, d = n * bs;
+  std::vector<float> acc(T * width), xf(T * bs);
+  for (int64_t j = jb; j < je; ++j) {
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < bs; ++i) xf[t * bs + i] = static_cast<float>(x[t * d + j * bs + i]);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t i = 0; i < bs; ++i) {
+      const wt_t* wr = w + (j * bs + i) * width;
+      for (int64_t t = 0; t < T; ++t) bd_row<wt_t>(acc.data() + t * width, wr, xf[t * bs + i], width);
+    }
+    for (int64_t s = 0; s < shards; ++s)
+      for (int64_t t = 0; t < T; ++t) {
+        ot* o = out + (s * T + t) * d + j * bs;
+        const float* a = acc.data() + t * width + s * bs;
+        for (int64_t c = 0; c < bs; ++c) o[c] = static_cast<ot>(a[c] + (bias ? bias[j * bs + c] : 0.f));
+      }
+  }
+}
+
+template <typename xt, typename wt_t, typename ot>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void bd_avx512(const xt* x, const wt_t* w, const float* b, ot* o,
+                                                                   int64_t T, int64_t n, int64_t bs, int64_t s,
+                                                                   int64_t jb, int64_t je) {
+  bd_blocks(x, w, b, o, T, n, bs, s, jb, je);
+}
+template <typename xt, typename wt_t, typename ot>
+__attribute__((target("avx2,fma"))) void bd_avx2(const xt* x, const wt_t* w, const float* b, ot* o, int64_t T,
+                                                 int64_t n, int64_t bs, int64_t s, int64_t jb, int64_t je) {
+  bd_blocks(x, w, b, o, T, n, bs, s, jb, je);
+}
+template <typename xt, typename wt_t, typename ot>
+void bd_scalar(const xt* x, const wt_t* w, const float* b, ot* o, int64_t T, int64_t n, int64_t bs, int64_t s,
+               int64_t jb, int64_t je) {
+  bd_blocks(x, w, b, o, T, n, bs, s, jb, je);
+}
+
+template <typename xt, typename wt_t>
+void bd_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float* bias, torch::Tensor& y, int64_t T,
+                 int64_t n, int64_t bs, int64_t shards) {
+  const int isa = resolve_isa();
+  const xt* xp = x.data_ptr<xt>();
+  const wt_t* wp = w.data_ptr<wt_t>();
+  xt* op = y.data_ptr<xt>();
+  // grain: about 64 KiB of wrapper weights per task
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, bs * bs * shards * (int64_t)sizeof(wt_t)));
+  at::parallel_for(0, n, grain, [&](int64_t jb, int64_t je) {
+    if (isa >= ISA_AVX512) bd_avx512<xt, wt_t, xt>(xp, wp, bias, op, T, n, bs, shards, jb, je);
+    else if (isa == ISA_AVX2) bd_avx2<xt, wt_t, xt>(xp, wp, bias, op, T, n, bs, shards, jb, je);
+    else bd_scalar<xt, wt_t, xt>(xp, wp, bias, op, T, n, bs, shards, jb, je);
+  });
+}
+
+// The op armor_vllm::cpu_blockdiag: x (T, n*bs), wt (n, bs, shards*bs) -> (T, n*bs) for one shard,
+// (shards, T, n*bs) for several; bias (n*bs) only with one shard. Output in x's dtype.
+torch::Tensor blockdiag_op(const torch::Tensor& x_in, const torch::Tensor& wt_in, int64_t shards,
+                           const c10::optional<torch::Tensor>& bias_in) {
+  TORCH_CHECK(wt_in.dim() == 3 && shards >= 1 && wt_in.size(2) == shards * wt_in.size(1),
+              "cpu_blockdiag: wt must be (n, bs, shards*bs) with shards=", shards, ", got ", wt_in.sizes());
+  const int64_t n = wt_in.size(0), bs = wt_in.size(1), d = n * bs;
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == d, "cpu_blockdiag: x must be (T, ", d, "), got ", x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu() && wt_in.device().is_cpu(), "cpu_blockdiag: CPU tensors only");
+  const auto xs = x_in.scalar_type(), ws = wt_in.scalar_type();
+  TORCH_CHECK(xs == torch::kFloat32 || xs == torch::kBFloat16, "cpu_blockdiag: x must be float32 or bfloat16");
+  TORCH_CHECK(ws == torch::kFloat32 || ws == torch::kBFloat16, "cpu_blockdiag: wt must be float32 or bfloat16");
+  const int64_t T = x_in.size(0);
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  TORCH_CHECK(!has_bias || shards == 1, "cpu_blockdiag: bias is only supported for a single shard");
+  auto y = shards == 1 ? torch::empty({T, d}, x_in.options()) : torch::empty({shards, T, d}, x_in.options());
+  if (T == 0) return y;
+  const auto x = x_in.contiguous();
+  const auto w = wt_in.contiguous();
+  torch::Tensor bias;
+  if (has_bias) {
+    TORCH_CHECK(bias_in->numel() == d, "cpu_blockdiag: bias must have ", d, " elements");
+    bias = bias_in->to(torch::kFloat32).contiguous();
+  }
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  if (xs == torch::kFloat32 && ws == torch::kFloat32) bd_dispatch<float, float>(x, w, bp, y, T, n, bs, shards);
+  else if (xs == torch::kFloat32) bd_dispatch<float, c10::BFloat16>(x, w, bp, y, T, n, bs, shards);
+  else if (ws == torch::kFloat32) bd_dispatch<c10::BFloat16, float>(x, w, bp, y, T, n, bs, shards);
+  else bd_dispatch<c10::BFloat16, c10::BFloat16>(x, w, bp, y, T, n, bs, shards);
+  return y;
+}
+
 std::string isa_string() { return isa_name(resolve_isa()); }
 std::string best_isa_string() { return isa_name(cpu_best_isa()); }
 
@@ -528,9 +641,13 @@ std::string best_isa_string() { return isa_name(cpu_best_isa()); }
 
 TORCH_LIBRARY_FRAGMENT(armor_vllm, m) {
   m.def("cpu_sparse24_mm(Tensor x, Tensor values, Tensor meta, int n, int k, Tensor? bias=None) -> Tensor");
+  m.def("cpu_blockdiag(Tensor x, Tensor wt, int shards, Tensor? bias=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(armor_vllm, CPU, m) { m.impl("cpu_sparse24_mm", &sparse24_mm_op); }
+TORCH_LIBRARY_IMPL(armor_vllm, CPU, m) {
+  m.impl("cpu_sparse24_mm", &sparse24_mm_op);
+  m.impl("cpu_blockdiag", &blockdiag_op);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ARMOR 2:4 sparse linear for CPUs (AVX-512 / AVX2 / scalar, runtime dispatch)";
