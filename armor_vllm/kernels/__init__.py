@@ -15,7 +15,8 @@ kernel's ``prepare`` once, after loading; ``apply`` then runs on every forward. 
 mode               kernel
 =================  =========================================================================
 ``auto``           factored with measured backend/plan where a 2:4 backend can run (CUDA
-                   sm80+); folded elsewhere (CPUs: measured faster, BENCHMARKS.md)
+                   sm80+); on a CPU where the C++ kernel builds, ``cpu24`` for layers whose
+                   wrappers are small (plain 2:4 always), folded for the others; folded elsewhere
 ``folded``         folded (``dense`` is an older name for it)
 ``factored``       factored with the core as a dense matmul (any device)
 ``cusparselt``,    factored with that 2:4 backend; where it cannot run, the next one
@@ -39,6 +40,10 @@ from armor_vllm.kernels.folded import FoldedKernel
 from armor_vllm.kernels.plan import KernelPlan
 
 KERNEL_MODES = ("auto", "folded", "factored", *SPARSE_BACKENDS, "cpu24", "dense")
+# auto on a CPU: cpu24 for a layer whose wrappers hold at most this share of the dense numbers.
+# Measured (benchmarks/cpu_linear.py, 2 threads, Zen 4): Llama-3-8B shapes at bs 64 (wrappers 3-6%)
+# run 2.2-3.2x dense at 1 token and 1.2-1.8x at 4; SmolLM2's 576-wide layers (13-44%) 0.5-0.7x.
+CPU24_MAX_WRAPPER_SHARE = 0.08
 
 
 def select_kernel(
@@ -65,7 +70,14 @@ def select_kernel(
             )
             return FoldedKernel(key=key)
         return FactoredKernel(backend="cpu24", device=device, key=key, max_tokens=max_tokens)
-    if not any_sparse_backend(device):
+    sparse_here = any_sparse_backend(device)  # the GPU 2:4 libraries (or their CPU stand-ins in tests)
+    if mode == "auto" and not sparse_here and device.type == "cpu" and get_backend("cpu24").available(device):
+        # the compressed form where it reads fewer bytes than dense by enough to win (BENCHMARKS.md,
+        # CPU kernel): every plain 2:4 layer, ARMOR layers whose wrappers are small; others folded
+        return FactoredKernel(
+            backend="cpu24", device=device, key=key, max_tokens=max_tokens, max_wrapper_share=CPU24_MAX_WRAPPER_SHARE
+        )
+    if not sparse_here:
         if mode != "auto":
             warnings.warn(f"ARMOR kernel {mode!r} needs a CUDA GPU with 2:4 support; running 'folded' on {device}")
         return FoldedKernel(key=key)

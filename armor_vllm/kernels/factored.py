@@ -108,7 +108,11 @@ class FactoredKernel(ArmorKernel):
         key: str | None = None,
         agree: Callable[[KernelPlan], KernelPlan] | None = None,
         max_tokens: int | None = None,
+        max_wrapper_share: float | None = None,
     ):
+        """``max_wrapper_share``: serve a layer folded (silently) when its wrappers hold more than
+        this share of the dense weight's numbers, or when the backend cannot take its dtype: what
+        ``auto`` asks of ``cpu24``, where small layers with large wrappers lose to dense."""
         if backend not in MODES:
             raise ValueError(f"unknown ARMOR core backend {backend!r}; known: {', '.join(MODES)}")
         wrapper = wrapper or envs.get(envs.WRAPPER) or "auto"
@@ -122,6 +126,8 @@ class FactoredKernel(ArmorKernel):
         self.key = key or f"armor-linear-{next(_keys)}"
         self.agree = agree
         self.max_tokens = max_tokens
+        self.max_wrapper_share = max_wrapper_share
+        self.folded_why: str | None = None  # why a layer ``max_wrapper_share`` applies to was folded
         self.timer: Callable[[Callable[[], object], torch.device], float] = time_ms
         self.name = f"factored-{backend}"
         self.plan: KernelPlan | None = None
@@ -149,6 +155,9 @@ class FactoredKernel(ArmorKernel):
             backend = get_backend("cpu24")
             if backend.available(device) and backend.supports(dtype):
                 return ["cpu24"]
+            if self.max_wrapper_share is not None:  # chosen by auto: folded is the plain answer
+                self.folded_why = f"cpu24 does not take {dtype}"
+                return []
             if self.strict:
                 raise RuntimeError(f"ARMOR {self.key}: cpu24 cannot run {dtype} on {device}")
             warnings.warn(f"ARMOR {self.key}: cpu24 cannot run {dtype} on {device}; using the folded dense weight")
@@ -197,6 +206,11 @@ class FactoredKernel(ArmorKernel):
 
         if not candidates:
             return self._serve_folded(folded)
+        if self.max_wrapper_share is not None:
+            share = wrapper_share(shards)
+            if share > self.max_wrapper_share:
+                self.folded_why = f"wrappers hold {share:.1%} of the dense numbers (> {self.max_wrapper_share:.0%})"
+                return self._serve_folded(folded)
         key = self._plan_key(shards, dtype, device, candidates)
         if self.backend == "auto":
             plan = cached_plan(
@@ -443,6 +457,15 @@ def _note_dense_copy(key: str, below: int, folded: torch.Tensor) -> None:
     )
 
 
+def wrapper_share(shards: ArmorShards) -> float:
+    """The numbers of a layer's non-identity wrappers (``B`` once when shared, ``A``) as a share of
+    its dense weight's: what the factored form reads beyond the 2:4 core."""
+    shared = shards.shared_wrapper_in()
+    ins = [shared] if shared is not None else list(shards.wrappers_in)
+    numbers = sum(w.numel() for w in [*ins, shards.wrapper_out] if not is_identity(w))
+    return numbers / (sum(shards.output_sizes) * shards.input_size)
+
+
 def build_tensors(shards: ArmorShards, dtype: torch.dtype, backend: str) -> tuple[LinearLayout, list[torch.Tensor]]:
     """This layer's tensors for ``backend``, in ``LinearLayout`` order: ``B`` stacked over shards
     unless every shard has the identity (one ``B`` when all shards share it; their cores are then
@@ -482,4 +505,4 @@ def build_tensors(shards: ArmorShards, dtype: torch.dtype, backend: str) -> tupl
     return layout, tensors
 
 
-__all__ = ["FactoredKernel", "MODES", "WRAPPERS", "build_tensors"]
+__all__ = ["FactoredKernel", "MODES", "WRAPPERS", "build_tensors", "wrapper_share"]

@@ -306,3 +306,34 @@ def test_cpu24_where_it_cannot_run_falls_back_to_folded(monkeypatch):
     monkeypatch.setattr(cs, "available", lambda: False)
     with pytest.warns(UserWarning, match="cpu24"):
         assert isinstance(select_kernel("cpu24", "cpu"), FoldedKernel)
+
+
+def test_auto_on_a_cpu_serves_cpu24_where_the_wrappers_are_small():
+    """auto's CPU rule: plain 2:4 layers and ARMOR layers with small wrappers run cpu24; a layer whose
+    wrappers hold more than CPU24_MAX_WRAPPER_SHARE of the dense numbers (measured slower than dense)
+    and a dtype cpu24 does not take are served folded, silently."""
+    import warnings
+
+    from kernel_helpers import make_shards, reference, rel_err
+
+    from armor_vllm.kernels import CPU24_MAX_WRAPPER_SHARE, select_kernel
+    from armor_vllm.kernels.factored import wrapper_share
+
+    plain = make_shards([64, 64], 256, 16, wrappers_in="identity", identity_out=True, seed=1)
+    small = make_shards([256], 256, 8, wrappers_in="equal", identity_out=False, seed=2)  # 2*256*8 / 256^2
+    large = make_shards([64], 64, 32, wrappers_in="equal", identity_out=False, seed=3)  # 2*64*32 / 64^2
+    assert wrapper_share(plain) == 0.0
+    assert wrapper_share(small) == pytest.approx(2 * 8 / 256) and wrapper_share(small) <= CPU24_MAX_WRAPPER_SHARE
+    assert wrapper_share(large) == pytest.approx(1.0) and wrapper_share(large) > CPU24_MAX_WRAPPER_SHARE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for shards, backend in ((plain, "cpu24"), (small, "cpu24"), (large, "folded")):
+            kernel = select_kernel("auto", "cpu", key=f"auto-{backend}-{wrapper_share(shards)}")
+            tensors = kernel.prepare(shards, torch.float32)
+            assert kernel.plan.backend == backend
+            assert (kernel.folded_why is None) == (backend == "cpu24")
+            x = torch.randn(3, shards.input_size)
+            assert rel_err(kernel.apply(tensors, x, None), reference(shards, x)) < 1e-5
+        kernel = select_kernel("auto", "cpu", key="auto-fp16")
+        kernel.prepare(plain, torch.float16)
+        assert kernel.plan.backend == "folded" and "float16" in kernel.folded_why

@@ -8,6 +8,7 @@ per-rank partition, the weight loaders with full checkpoint tensors and shard id
 and compare the concatenated (column) or summed (row, the all-reduce) outputs with the unsplit
 reference. The slow test runs vLLM with ``tensor_parallel_size=2`` on CPU against ``TP=1``."""
 
+import json
 import math
 import os
 
@@ -270,9 +271,10 @@ TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
 @pytest.fixture(scope="module")
-def tp_runs(tp_checkpoint):
+def tp_runs(tp_checkpoint, tmp_path_factory):
     """Greedy tokens and prompt logprobs of the TP test checkpoint: transformers on the dense
-    reconstruction, vLLM at TP=1 (folded) and vLLM at TP=2 with each CPU kernel. (TP=1 with the
+    reconstruction, vLLM at TP=1 (folded) and vLLM at TP=2 with each CPU kernel (cpu24: every layer
+    served by it where the extension builds, else folded with a warning). (TP=1 with the
     factored kernel equals TP=1 folded: both match transformers in test_vllm_integration.)"""
     from conftest import run_vllm_jobs
     from transformers import AutoTokenizer
@@ -294,6 +296,7 @@ def tp_runs(tp_checkpoint):
         "tp1": (1, "folded", True),
         "tp2-folded": (2, "folded", True),
         "tp2-factored": (2, "factored", True),
+        "tp2-cpu24": (2, "cpu24", True),  # our C++ 2:4 kernel, each rank its own slice of the core
         "tp1-folded-compiled": (1, "folded", False),
         "tp1-factored-compiled": (1, "factored", False),
     }
@@ -311,10 +314,15 @@ def tp_runs(tp_checkpoint):
         }
         for tp, kernel, eager in configs.values()
     ]
+    report = tmp_path_factory.mktemp("tp-report") / "cpu24.jsonl"  # which kernel served each layer, per rank
+    jobs[list(configs).index("tp2-cpu24")]["env"]["ARMOR_VLLM_KERNEL_REPORT"] = str(report)
     runs = {"hf": hf}
     for name, result in zip(configs, run_vllm_jobs(jobs)):
         assert "error" not in result, (name, result.get("error"), result.get("log_tail"))
         runs[name] = result
+    runs["tp2-cpu24"]["kernels"] = (
+        [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+    )
     return runs
 
 
@@ -327,9 +335,16 @@ def max_logprob_diff(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["folded", "factored"])
+@pytest.mark.parametrize("kernel", ["folded", "factored", "cpu24"])
 def test_vllm_tp2_matches_tp1(tp_runs, kernel):
     tp1, tp2 = tp_runs["tp1"], tp_runs[f"tp2-{kernel}"]
+    if kernel == "cpu24":
+        from armor_vllm.kernels import cpu_sparse
+
+        if not cpu_sparse.available():
+            pytest.skip("the CPU 2:4 extension cannot be built here")
+        backends = {k["plan"]["backend"] for k in tp2["kernels"]}
+        assert tp2["kernels"] and backends == {"cpu24"}, backends  # every layer of both ranks
     assert tp2["greedy_ids"] == tp1["greedy_ids"]
     diff = max_logprob_diff(tp2, tp1)
     print(f"max |logprob TP2 ({kernel}) - TP1| = {diff:.2e}")
