@@ -33,25 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _load_model_fn():
-    """``load_model`` from the transformers quantizer (its module moved during a regrouping)."""
-    try:
-        from armor_vllm.hf.quantizer import load_model
-    except ImportError:
-        try:
-            from armor_vllm.hf_quantizer import load_model
-        except ImportError:
-            load_model = None
-    if load_model is None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        def load_model(model_dir, dtype=torch.float32, dequantize=False, **kwargs):
-            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).eval()
-
-    return load_model
-
-
 def resolve_dir(spec: str) -> Path:
     from armor_vllm.models import resolve_model
 
@@ -188,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     reference_dir = resolve_dir(models[args.reference]) if args.reference in models else None
-    load_model = _load_model_fn()
+    from armor_vllm.hf.quantizer import load_model
+
     for name, spec in models.items():
         model_dir = resolve_dir(spec)
         if (
