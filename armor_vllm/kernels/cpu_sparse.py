@@ -42,7 +42,9 @@ import torch
 __all__ = ["PackedCore", "available", "isa", "pack", "unpack", "sparse24_linear", "blockdiag", "armor_linear"]
 
 # Up to this many tokens the block-diagonal wrappers run the extension's loop (``blockdiag``); above,
-# a batched matmul (measured on a Zen 4 EPYC, 2 threads: 576- and 4096-wide, bs 64, fp32 and bf16).
+# a batched matmul. Chosen from a one-off timing of the two on a Zen 4 EPYC, 2 threads, 576- and
+# 4096-wide, bs 64, fp32 and bf16 (the loop faster up to 8-16 tokens); benchmarks/cpu_linear.py's
+# ARMOR rows run both sides of it.
 CPU_WRAPPER_MAX_TOKENS = 16
 
 _SOURCES = [Path(__file__).resolve().parent / "csrc" / "sparse24_cpu.cpp"]
