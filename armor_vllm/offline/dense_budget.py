@@ -26,6 +26,7 @@ report says what the budget left dense and its share (``summary``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -52,20 +53,14 @@ def model_signature(model_dir: str | Path) -> str:
     if not where:
         raise FileNotFoundError(f"{model_dir}: no safetensors weights")
     digest = hashlib.sha256()
-    handles = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in set(where.values())}
         for name in sorted(where):
-            path = where[name]
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt").__enter__()
-            part = handles[path].get_slice(name)
+            part = handles[where[name]].get_slice(name)
             shape = list(part.get_shape())
             digest.update(f"{name}|{shape}|{part.get_dtype()}\n".encode())
-            head = part[0:1] if shape and shape[0] > 0 else handles[path].get_tensor(name)
+            head = part[0:1] if shape and shape[0] > 0 else handles[where[name]].get_tensor(name)
             digest.update(head.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
     return digest.hexdigest()[:16]
 
 

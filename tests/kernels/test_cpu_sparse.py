@@ -27,6 +27,8 @@ ISAS = [
     )
     for name in _ORDER
 ]
+# (weight storage, x) dtypes every kernel takes: fp32 and bf16, mixed both ways
+DTYPE_PAIRS = [(w, x) for w in (torch.float32, torch.bfloat16) for x in (torch.float32, torch.bfloat16)]
 TOKENS = list(range(1, 18)) + [64, 130]  # 130: the decompress + dense GEMM path
 
 
@@ -85,15 +87,7 @@ def test_pack_rejects_dense_groups():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(
-    "storage,x_dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.bfloat16, torch.float32),
-        (torch.bfloat16, torch.bfloat16),
-        (torch.float32, torch.bfloat16),
-    ],
-)
+@pytest.mark.parametrize("storage,x_dtype", DTYPE_PAIRS)
 @pytest.mark.parametrize("n,k", [(37, 8), (50, 36), (129, 300)])
 def test_matches_reference_every_token_count(isa, storage, x_dtype, n, k, isa_env):
     isa_env(isa)
@@ -186,15 +180,7 @@ def blockdiag_reference(x, blocks, bias=None):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(
-    "x_dtype,w_dtype",
-    [
-        (torch.float32, torch.float32),
-        (torch.bfloat16, torch.bfloat16),
-        (torch.bfloat16, torch.float32),
-        (torch.float32, torch.bfloat16),
-    ],
-)
+@pytest.mark.parametrize("w_dtype,x_dtype", DTYPE_PAIRS)
 @pytest.mark.parametrize("shards,bias", [(1, False), (1, True), (2, False), (3, False)])
 def test_blockdiag_matches_reference(isa_env, isa, x_dtype, w_dtype, shards, bias):
     isa_env(isa)
