@@ -42,7 +42,7 @@ from armor_vllm.kernels.plan import KernelPlan
 KERNEL_MODES = ("auto", "folded", "factored", *SPARSE_BACKENDS, "cpu24", "dense")
 # auto on a CPU: cpu24 for a layer whose wrappers hold at most this share of the dense numbers.
 # Measured (benchmarks/cpu_linear.py, 2 threads, Zen 4): Llama-3-8B shapes at bs 64 (wrappers 3-6%)
-# run 2.2-3.2x dense at 1 token and 1.2-1.8x at 4; SmolLM2's 576-wide layers (13-44%) 0.5-0.7x.
+# run 2.2-3.2x dense at 1 token and 1.2-1.8x at 4; SmolLM2's 576-wide layers (13-44%) 0.5-1.1x.
 CPU24_MAX_WRAPPER_SHARE = 0.08
 
 

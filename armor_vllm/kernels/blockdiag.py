@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from armor_vllm.kernels import cpu_sparse
+
 IMPLS = ("bmm", "triton", "cpu")
 
 
@@ -82,8 +84,6 @@ def triton_supported(block_size: int, device: torch.device) -> bool:
 def blockdiag(x, wt, shards: int = 1, bias=None, impl: str = "bmm"):
     """``blockdiag_bmm``, the Triton kernel or the CPU extension's loop (same contract)."""
     if impl == "cpu":
-        from armor_vllm.kernels import cpu_sparse
-
         return cpu_sparse.blockdiag(x, wt, shards, bias)
     if impl == "triton":
         from armor_vllm.kernels.triton_blockdiag import blockdiag_triton
