@@ -43,6 +43,7 @@ METHOD_OPTION_KEYS = (
     "e2e_topk",
     "e2e_batch",
     "e2e_hidden",
+    "e2e_precision",
 )
 # Options a recipe file (and compress) may set: the run's own, and the method's (METHOD_OPTION_KEYS).
 RECIPE_KEYS = {

@@ -15,22 +15,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from armor_vllm.hardware import AVX512_CORE, cpu_flags
+
 HOST = "127.0.0.1"
 # Sized for a 2-core, CPU-only machine; on a GPU machine pass your own arguments.
 CPU_DEFAULT_ARGS = ("--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager")
-# oneDNN builds vLLM's bf16 CPU matmul only with AVX-512 (its "avx512_core" level); without it vLLM falls
-# back to torch's bf16 linear, which measured 4x slower than float32 (BENCHMARKS.md, section 3).
-AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
+# without AVX-512 vLLM falls back to torch's bf16 linear, which measured 4x slower than float32
+# (BENCHMARKS.md, section 3): there the CPU default is float32.
 
 
 def cpu_default_args(flags: frozenset[str] | None = None) -> tuple[str, ...]:

@@ -64,7 +64,7 @@ def dir_bytes(path: Path) -> int:
 def cpu_description() -> str:
     """The CPU's model name and the vector extensions that decide vLLM's CPU GEMM path (without
     AVX-512 oneDNN builds no bf16 matmul and vLLM falls back to a slow one; ``armor_vllm.serve``)."""
-    from armor_vllm.serve import cpu_flags
+    from armor_vllm.hardware import cpu_flags
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     name = next(

@@ -10,8 +10,10 @@ Then run ``benchmarks/retention.py`` on the result.
     python benchmarks/e2e_on_checkpoint.py --checkpoint out/bench/armor-default \\
         --output out/bench/armor-default-e2e --steps 60 --lr 3e-5
 
-Calibration: ``--calib-samples`` windows of the default calibration mix (``CALIBRATION_MIX``: no
-evaluation text), ``--seq-len`` tokens each. The summary (objective before/after, steps, seconds) is
+Calibration: ``--calib-samples`` windows of ``--calib-data`` (default: the default calibration mix,
+``CALIBRATION_MIX``; generated sources such as ``self-chat`` are written by the dense model as the
+offline pass writes them; never evaluation text), ``--seq-len`` tokens each, kept in the work folder
+so an interrupted run resumes on the same windows. The summary (objective before/after, steps, seconds) is
 printed and stored in ``OUTPUT/e2e_summary.json``.
 """
 
@@ -46,6 +48,15 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--calib-data",
+        nargs="+",
+        default=None,
+        help="calibration sources as the offline pass takes them (e.g. pydoc jargon opticks licenses self-chat "
+        "self-free; default: its default mix); generated sources are written by the dense model now",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated sources and of the batch order")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--work", default=None, help="work folder (default: OUTPUT.work; reused to resume)")
     args = p.parse_args()
 
@@ -80,10 +91,36 @@ def main() -> int:
 
     stored = next(h.get_slice(k).get_dtype() for k, h in where.items() if k.endswith(".compressed"))
     out_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[stored]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples, used = mixed_samples(tokenizer, args.calib_samples, args.seq_len, CALIBRATION_MIX, None)
-    print(f"calibration: {args.calib_samples} x {args.seq_len} tokens from {', '.join(used)}")
-    options = E2EOptions(steps=args.steps, seconds=args.seconds, lr=args.lr, topk=args.topk, batch=args.batch)
+    cached = work / "calibration.safetensors"  # a resumed run distils on the very same windows
+    if cached.is_file():
+        with safe_open(str(cached), framework="pt") as h:
+            samples = h.get_tensor("samples")
+    elif args.calib_data:  # exactly as the offline pass builds them (generated sources included)
+        from armor_vllm.offline.pipeline import OfflineOptions, _calibration_samples
+
+        opts = OfflineOptions(
+            model=str(model_dir),
+            output=str(out),
+            calib_data=list(args.calib_data),
+            calib_samples=args.calib_samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+        )
+        samples = _calibration_samples(opts, model_dir)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        samples, used = mixed_samples(tokenizer, args.calib_samples, args.seq_len, CALIBRATION_MIX, None)
+        print(f"calibration: {args.calib_samples} x {args.seq_len} tokens from {', '.join(used)}")
+    save_file({"samples": samples.contiguous()}, str(cached))
+    options = E2EOptions(
+        steps=args.steps,
+        seconds=args.seconds,
+        lr=args.lr,
+        topk=args.topk,
+        batch=args.batch,
+        precision=args.precision,
+        seed=args.seed,
+    )
     t = time.perf_counter()
     info = run_e2e(model_dir, work, files, plan.targets, samples, config.block_size, out_dtype, options, "cpu")
     info["wall_seconds"] = time.perf_counter() - t

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="--e2e: weight of the final hidden states' relative squared error in the objective (default 0)",
     )
     p.add_argument(
+        "--e2e-precision",
+        choices=("auto", "float32", "bfloat16"),
+        default=None,
+        help="--e2e: what the training steps compute in (default auto: bfloat16 on a GPU or a CPU with "
+        "AMX/AVX-512 BF16, else float32); the factors and the kept/not-kept check stay float32",
+    )
+    p.add_argument(
         "--device",
         default=None,
         help="where per-layer compression and --e2e run: cpu or cuda (default: cuda when available)",

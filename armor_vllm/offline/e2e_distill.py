@@ -72,7 +72,9 @@ OPTION_KEYS = {
     "e2e_topk": ("topk", "--e2e-topk"),
     "e2e_batch": ("batch", "--e2e-batch"),
     "e2e_hidden": ("hidden", "--e2e-hidden"),
+    "e2e_precision": ("precision", "--e2e-precision"),
 }
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class E2EOptions:
     topk: int = 64  # teacher tokens kept per position
     batch: int = 2  # calibration sequences per step
     hidden: float = 0.0  # weight of the final hidden states' relative squared error (0: KL only)
+    precision: str = "auto"  # training forward/backward: see ``training_dtype``
     seed: int = 0
 
     def __post_init__(self):
@@ -101,6 +104,30 @@ class E2EOptions:
         number("seconds", self.seconds, positive=True)
         number("lr", self.lr, positive=True)
         number("hidden", self.hidden, positive=False)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--e2e-precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def training_dtype(precision: str, device) -> torch.dtype:
+    """The dtype the training steps compute in (under autocast; the factors, Adam's state and the
+    before/after measurements stay float32). ``auto``: bfloat16 where the hardware multiplies it
+    natively (CUDA with bf16 support; a CPU with AMX or AVX-512 BF16, detected at run time: on this
+    project's AMX machines a SmolLM2 step is about 2x faster, ``BENCHMARKS.md`` section 0), else
+    float32 (an AVX2-only CPU would emulate bfloat16, slower than float32)."""
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    from armor_vllm.hardware import cpu_has_native_bf16
+
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _cli(field_name: str) -> str:
@@ -410,15 +437,18 @@ def run_e2e(
     def save():
         _save_state(state_file, step, trained, student.params, optimizer)
 
-    progress = tqdm(total=options.steps, initial=step, desc="e2e distillation", unit="step")
+    dtype = training_dtype(options.precision, device)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    progress = tqdm(total=options.steps, initial=step, desc=f"e2e distillation ({dtype_name(dtype)})", unit="step")
     last_save = trained
     loss_value = float("nan")
     while step < options.steps and trained < options.seconds:
         t0 = time.perf_counter()
         rows = batch_rows(step, options.batch, n, options.seed)
         optimizer.zero_grad(set_to_none=True)
-        logits, h = _forward(model, student.weights(), samples[rows].to(device), options.hidden > 0)
-        objective, _ = sequence_objective(logits, h, teacher.slice(rows, device), options.hidden)
+        with autocast:
+            logits, h = _forward(model, student.weights(), samples[rows].to(device), options.hidden > 0)
+        objective, _ = sequence_objective(logits, h, teacher.slice(rows, device), options.hidden)  # float32
         loss = objective.mean()
         loss.backward()
         optimizer.step()
@@ -445,6 +475,7 @@ def run_e2e(
         "kl_after": kl_after,
         "kept": float(kept),
         "steps": step,
+        "precision": dtype_name(dtype),
         "sequences": n,
         "seconds_train": trained,
         "seconds_per_step": trained / step if step else None,

@@ -94,6 +94,26 @@ def test_sane_settings_lower_the_objective_and_the_checkpoint_loads(e2e_referenc
     load_dense_hf_model(out)  # the format is unchanged: it loads and validates
 
 
+def test_bfloat16_steps_lower_the_float32_objective(sharp_model_dir, e2e_reference, tmp_path):
+    """Training under bfloat16 autocast (``auto`` on a CPU with AMX/AVX-512 BF16) still lowers the
+    objective as measured in float32, and the run says which precision it trained in."""
+    precision = "float32" if e2e_reference[1]["e2e"]["precision"] == "bfloat16" else "bfloat16"
+    info = _run(sharp_model_dir, tmp_path / "other", **E2E, e2e_precision=precision)["e2e"]
+    assert info["precision"] == precision and info["kept"] == 1.0
+    assert info["objective_after"] < 0.9 * info["objective_before"]
+
+
+def test_auto_precision_is_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    from armor_vllm import hardware
+
+    assert e2e_distill.training_dtype("float32", "cpu") == torch.float32
+    assert e2e_distill.training_dtype("bfloat16", "cpu") == torch.bfloat16
+    for flags, expected in [({"avx2", "fma"}, torch.float32), ({"avx2", "avx512f", "amx_bf16"}, torch.bfloat16)]:
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert e2e_distill.training_dtype("auto", "cpu") == expected
+    assert hardware.cpu_has_native_bf16(frozenset({"avx512_bf16"}))
+
+
 def test_an_absurd_learning_rate_leaves_the_layer_wise_result_untouched(sharp_model_dir, tmp_path, monkeypatch):
     from armor_vllm.hf.dense import load_dense_hf_model
 
@@ -141,6 +161,7 @@ def test_an_interrupted_e2e_run_resumes_to_the_same_bytes(sharp_model_dir, e2e_r
         ("armor", {"e2e": True, "e2e_topk": 2.5}, "--e2e-topk must be a positive integer"),
         ("armor", {"e2e": True, "e2e_batch": True}, "--e2e-batch must be a positive integer"),
         ("armor", {"e2e": True, "e2e_hidden": -0.5}, "--e2e-hidden must be a number >= 0"),
+        ("armor", {"e2e": True, "e2e_precision": "fp8"}, "--e2e-precision must be one of auto, float32, bfloat16"),
         ("armor", {"e2e": "yes"}, "--e2e must be true or false"),
         ("armor", {"e2e_steps": 10}, "--e2e-steps given without --e2e"),
         ("wanda", {"e2e": True}, "needs --method armor"),
