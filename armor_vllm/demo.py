@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m armor_vllm.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--output", default="out/smollm2-armor", help="where the compressed checkpoint goes")
-    p.add_argument("--preset", default="default", help="ARMOR preset (quick, default, paper)")
+    p.add_argument("--preset", default="default", help="ARMOR preset (quick, default, long, paper)")
     p.add_argument("--method", default="armor")
     p.add_argument(
         "--block-size",

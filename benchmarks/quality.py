@@ -190,13 +190,23 @@ def main() -> int:
     p.add_argument("--runs", nargs="+", default=[], choices=list(RUNS), help="runs to do (default: none, just report)")
     p.add_argument("--recompress", action="store_true", help="compress even when the checkpoint exists")
     p.add_argument("--seq-len", type=int, default=512, help="evaluation window")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="the dense model every run compresses (default: the embedded one; e.g. a directory written by "
+        "scripts/second_model.py); use its own --out and --work",
+    )
     args = p.parse_args()
 
-    from armor_vllm.models import default_model_dir
+    from armor_vllm.models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    model_args = [] if args.model == "default" else ["--model", str(model_dir)]
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
     results.setdefault("machine", f"{platform.machine()}, {os.cpu_count()} cores, CPU only")
+    results.setdefault("model", str(args.model))
     results.setdefault("runs", {})
     runs = results["runs"]
 
@@ -208,13 +218,14 @@ def main() -> int:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     if "dense" not in runs:
-        runs["dense"] = {"perplexity": perplexities(default_model_dir(), args.seq_len), "seconds": 0.0}
+        runs["dense"] = {"perplexity": perplexities(model_dir, args.seq_len), "seconds": 0.0}
         save()
     for name in args.runs:
         ckpt = Path(args.work) / name
         report_file = ckpt / "armor_report.json"
         if args.recompress or not report_file.is_file():
-            cmd = [sys.executable, "-m", "armor_vllm.offline", "--output", str(ckpt), "--overwrite", *RUNS[name]]
+            cmd = [sys.executable, "-m", "armor_vllm.offline", "--output", str(ckpt), "--overwrite", *model_args]
+            cmd += RUNS[name]
             print("$", " ".join(cmd[1:]), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
         report = json.loads(report_file.read_text())
@@ -224,7 +235,7 @@ def main() -> int:
             "perplexity": perplexities(ckpt, args.seq_len),
             "seconds": summary["seconds_total"],
             "seconds_calibration": summary.get("seconds_calibration"),
-            "command": "python -m armor_vllm.offline --output DIR " + " ".join(RUNS[name]),
+            "command": " ".join(["python -m armor_vllm.offline --output DIR", *model_args, *RUNS[name]]),
             "mean_proxy_loss": summary["mean_proxy_loss"],
             "mean_hessian_loss": _mean([m.get("hessian_loss_end", m.get("hessian_loss_damped")) for m in matrices]),
             "wrapper_overhead": summary["wrapper_overhead"],

@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPORT.json",
         help="with --dense-budget: a report of python -m armor_vllm.sensitivity for this --model",
     )
-    p.add_argument("--preset", default=None, help="ARMOR schedule: quick, default or paper")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="ARMOR schedule: quick, default, long (the default + end-to-end distillation on a self-generated mix) "
+        "or paper",
+    )
     p.add_argument("--iterations", type=int, default=None, help="ARMOR iterations (overrides the preset)")
     p.add_argument("--lr", type=float, default=None, help="ARMOR learning rate (overrides the preset)")
     p.add_argument(

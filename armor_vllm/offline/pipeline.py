@@ -255,11 +255,19 @@ def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
     """ARMOR's defaults beyond its schedule, each measured to lower perplexity on every text
     (BENCHMARKS.md, section 1): distillation (``--distill``) except with ``--preset quick``, the
     fastest schedule; and in sequential order, output-aware targets for the compression
-    (``--output-target dense``) and for the distillation (``--distill-target dense``). Resolved
-    before the run's fingerprint, so a resumed run does exactly what the first one did."""
+    (``--output-target dense``) and for the distillation (``--distill-target dense``); with
+    ``--preset long``, end-to-end distillation on the self-generated mix (``LONG_EXTRAS``,
+    ``LONG_CALIBRATION``; measured for retention, BENCHMARKS.md section 0). Resolved before the run's
+    fingerprint, so a resumed run does exactly what the first one did."""
     if opts.method != "armor":
         return opts
+    from armor_vllm.offline.methods.armor import LONG_CALIBRATION, LONG_EXTRAS
+
     options = dict(opts.method_options)
+    if options.get("preset") == "long":  # the default plus what it adds (explicit options win)
+        options |= {k: v for k, v in LONG_EXTRAS.items() if options.get(k) is None}
+        if not opts.calib_data:
+            opts = replace(opts, calib_data=list(LONG_CALIBRATION))
     if options.get("distill") is None:
         options["distill"] = options.get("preset", "default") != "quick"
     if opts.order == "sequential":

@@ -191,3 +191,24 @@ def test_options_reach_the_run_and_its_fingerprint():
     assert _with_armor_defaults(base).method_options["e2e"] is False  # off by default
     assert opts.fingerprint() != offline_options(None, "o", e2e=True, e2e_steps=8, e2e_lr=2e-5).fingerprint()
     assert isinstance(Teacher, type)
+
+
+def test_the_long_preset_is_the_default_plus_e2e_on_a_self_generated_mix():
+    from armor_vllm.offline.methods.armor import FULL_PRESETS, LONG_CALIBRATION, PRESETS
+    from armor_vllm.offline.pipeline import _with_armor_defaults
+
+    def resolved(calib_data=(), **options):
+        opts = OfflineOptions(model="m", output="o", calib_data=list(calib_data), method_options=options)
+        return _with_armor_defaults(opts)
+
+    assert PRESETS["long"] == PRESETS["default"] and FULL_PRESETS["long"] == FULL_PRESETS["default"]
+    long = resolved(preset="long")
+    assert long.method_options["e2e"] is True and long.method_options["e2e_steps"] == 200
+    assert long.method_options["distill"] is True  # the default's layer-wise pass, distillation included
+    assert long.calib_data == list(LONG_CALIBRATION) and {"self-chat", "self-free"} <= set(long.calib_data)
+    mine = resolved(["pydoc"], preset="long", e2e_steps=5)  # explicit options win
+    assert mine.calib_data == ["pydoc"] and mine.method_options["e2e_steps"] == 5
+    assert resolved(preset="long", e2e=False).method_options["e2e"] is False
+    default = resolved()  # nothing of it leaks into the default
+    assert default.calib_data == [] and default.method_options["e2e"] is False
+    assert long.fingerprint() != default.fingerprint()

@@ -11,6 +11,10 @@ Presets (``preset=``; explicit options override them):
 * ``default`` -- the same with 16 rounds: SmolLM2-135M (210 linears) in about 12 minutes of optimiser
   time on 2 CPU cores, loss still falling slowly (see ``benchmarks/optimizer_speed.py``). CG converges
   in 2-4 steps; the discrete sweeps bring most of the gain after the first round.
+* ``long``    -- the default's layer-wise pass, then end-to-end distillation of the whole model
+  against the dense one (``LONG_EXTRAS``: ``offline.e2e_distill``), on a calibration set that mixes
+  the dense model's own conversations and free generations with the texts: about twice the default's
+  time, for the retention it buys (``BENCHMARKS.md``, section 0). Every extra can be overridden.
 * ``paper``   -- the reference implementation's schedule as near as feasible: 3000 iterations of one
   Adam step (lr 1e-4) on ``A``, ``B`` and the kept values of ``S`` followed by one discrete step with
   one group per tile sampled with probability proportional to the L1 norm of the loss gradient on the
@@ -55,8 +59,14 @@ DEFAULT_INIT = {"diag": "nowag", "full": "sparsegpt"}  # by objective
 PRESETS: dict[str, Schedule] = {
     "quick": Schedule(iterations=4),
     "default": Schedule(iterations=16),
+    "long": Schedule(iterations=16),  # the default's layer-wise schedule; what it adds is in LONG_EXTRAS
     "paper": Schedule(solver="adam", iterations=3000, lr=1e-4, patience=100, rtol=1e-6, damping=1e-9),
 }
+
+# What ``--preset long`` adds to the default (explicit options win): method options, and the
+# calibration sources when ``--calib-data`` is not given (the default texts plus the generated ones).
+LONG_EXTRAS = {"e2e": True, "e2e_steps": 200}
+LONG_CALIBRATION = ("pydoc", "jargon", "opticks", "licenses", "self-chat", "self-free")
 
 
 def preset_with_overrides(presets: dict, options: dict, what: str = ""):
@@ -80,6 +90,7 @@ INITS = ("nowag", "sparsegpt", "wanda")
 FULL_PRESETS: dict[str, FullSchedule] = {
     "quick": FullSchedule(iterations=3),
     "default": FullSchedule(iterations=8),
+    "long": FullSchedule(iterations=8),
 }
 
 
