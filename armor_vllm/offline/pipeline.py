@@ -251,7 +251,7 @@ def _check_targets(opts: OfflineOptions, method_cls) -> None:
     check_e2e(opts.method, opts.method_options)  # --e2e and its settings (armor_vllm.offline.e2e_distill)
 
 
-def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
+def _with_armor_defaults(opts: OfflineOptions, model_dir: Path | None = None) -> OfflineOptions:
     """ARMOR's defaults beyond its schedule, each measured to lower perplexity on every text
     (BENCHMARKS.md, section 1): distillation (``--distill``) except with ``--preset quick``, the
     fastest schedule; and in sequential order, output-aware targets for the compression
@@ -267,7 +267,7 @@ def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
     if options.get("preset") == "long":  # the default plus what it adds (explicit options win)
         options |= {k: v for k, v in LONG_EXTRAS.items() if options.get(k) is None}
         if not opts.calib_data:
-            opts = replace(opts, calib_data=list(LONG_CALIBRATION))
+            opts = replace(opts, calib_data=_long_calibration(LONG_CALIBRATION, model_dir))
     if options.get("distill") is None:
         options["distill"] = options.get("preset", "default") != "quick"
     if opts.order == "sequential":
@@ -277,6 +277,21 @@ def _with_armor_defaults(opts: OfflineOptions) -> OfflineOptions:
     if options.get("e2e") is None:  # end-to-end distillation: opt-in until measured (e2e_distill)
         options["e2e"] = False
     return replace(opts, method_options=options)
+
+
+def _long_calibration(sources: tuple[str, ...], model_dir: Path | None) -> list[str]:
+    """``--preset long``'s calibration sources for this model: without a chat template there are no
+    conversations to write, so ``self-chat`` is left out (given explicitly it is an error instead)."""
+    if model_dir is None or "self-chat" not in sources:
+        return list(sources)
+    from transformers import AutoTokenizer
+
+    from armor_vllm.offline.self_calibration import has_chat_template
+
+    if has_chat_template(AutoTokenizer.from_pretrained(model_dir)):
+        return list(sources)
+    print("--preset long: the tokenizer has no chat template; calibrating without self-chat")
+    return [s for s in sources if s != "self-chat"]
 
 
 def _distill(layer, targets, tensors, metrics, inputs, dense_out, opts: OfflineOptions, out_dtype):
@@ -382,7 +397,7 @@ def _start(opts: OfflineOptions) -> _Run:
         raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
     method_cls = get_method(opts.method)
     _check_targets(opts, method_cls)
-    opts = _with_armor_defaults(opts)
+    opts = _with_armor_defaults(opts, model_dir)
     # Before anything is written: an architecture or option the pass cannot handle fails here.
     targets_mod.check_architecture(model_dir)
     stream = LayerStream(model_dir, dtype=torch.float32)

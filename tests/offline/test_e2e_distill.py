@@ -212,3 +212,15 @@ def test_the_long_preset_is_the_default_plus_e2e_on_a_self_generated_mix():
     default = resolved()  # nothing of it leaks into the default
     assert default.calib_data == [] and default.method_options["e2e"] is False
     assert long.fingerprint() != default.fingerprint()
+
+
+def test_the_long_preset_writes_no_conversations_for_a_model_without_chat_template(tiny_model_dir, monkeypatch):
+    from armor_vllm.offline import self_calibration
+    from armor_vllm.offline.methods.armor import LONG_CALIBRATION
+    from armor_vllm.offline.pipeline import _with_armor_defaults
+
+    opts = OfflineOptions(model=str(tiny_model_dir), output="o", method_options={"preset": "long"})
+    assert _with_armor_defaults(opts, tiny_model_dir).calib_data == list(LONG_CALIBRATION)
+    monkeypatch.setattr(self_calibration, "has_chat_template", lambda tokenizer: False)
+    sources = _with_armor_defaults(opts, tiny_model_dir).calib_data
+    assert "self-chat" not in sources and "self-free" in sources
