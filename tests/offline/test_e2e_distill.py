@@ -204,6 +204,7 @@ def test_the_long_preset_is_the_default_plus_e2e_on_a_self_generated_mix():
     assert PRESETS["long"] == PRESETS["default"] and FULL_PRESETS["long"] == FULL_PRESETS["default"]
     long = resolved(preset="long")
     assert long.method_options["e2e"] is True and long.method_options["e2e_steps"] == 200
+    assert long.method_options["e2e_seconds"] >= 200 * 5  # the steps decide, not the time cap
     assert long.method_options["distill"] is True  # the default's layer-wise pass, distillation included
     assert long.calib_data == list(LONG_CALIBRATION) and {"self-chat", "self-free"} <= set(long.calib_data)
     mine = resolved(["pydoc"], preset="long", e2e_steps=5)  # explicit options win

@@ -65,7 +65,7 @@ PRESETS: dict[str, Schedule] = {
 
 # What ``--preset long`` adds to the default (explicit options win): method options, and the
 # calibration sources when ``--calib-data`` is not given (the default texts plus the generated ones).
-LONG_EXTRAS = {"e2e": True, "e2e_steps": 200}
+LONG_EXTRAS = {"e2e": True, "e2e_steps": 200, "e2e_seconds": 1500.0}  # steps decide on 2 idle cores (4-5 s a step)
 LONG_CALIBRATION = ("pydoc", "jargon", "opticks", "licenses", "self-chat", "self-free")
 
 
