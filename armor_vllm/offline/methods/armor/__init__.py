@@ -13,7 +13,7 @@ Presets (``preset=``; explicit options override them):
   in 2-4 steps; the discrete sweeps bring most of the gain after the first round.
 * ``long``    -- the default's layer-wise pass, then end-to-end distillation of the whole model
   against the dense one (``LONG_EXTRAS``: ``offline.e2e_distill``), on a calibration set that mixes
-  the dense model's own conversations and free generations with the texts: about 2.5-3x the default's
+  the dense model's own conversations and free generations with the texts: about 2x the default's
   time, for the retention it buys (``BENCHMARKS.md``, section 0). Every extra can be overridden.
 * ``paper``   -- the reference implementation's schedule as near as feasible: 3000 iterations of one
   Adam step (lr 1e-4) on ``A``, ``B`` and the kept values of ``S`` followed by one discrete step with
