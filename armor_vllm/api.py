@@ -44,6 +44,7 @@ METHOD_OPTION_KEYS = (
     "e2e_batch",
     "e2e_hidden",
     "e2e_precision",
+    "e2e_data",
 )
 # Options a recipe file (and compress) may set: the run's own, and the method's (METHOD_OPTION_KEYS).
 RECIPE_KEYS = {

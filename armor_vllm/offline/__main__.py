@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "AMX/AVX-512 BF16, else float32); the factors and the kept/not-kept check stay float32",
     )
     p.add_argument(
+        "--e2e-data",
+        nargs="+",
+        default=None,
+        help="--e2e: what it trains on, as --calib-data takes it (files, text source names, and the dense "
+        "model's generated self-chat / self-free); default: the layer-wise pass's calibration windows",
+    )
+    p.add_argument(
         "--device",
         default=None,
         help="where per-layer compression and --e2e run: cpu or cuda (default: cuda when available)",

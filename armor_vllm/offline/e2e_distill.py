@@ -26,6 +26,9 @@ How:
 * **Student.** Every compressed linear's weight in the forward is ``reconstruct(A, S, B)`` with ``S``
   built from its trainable kept values on the fixed mask (``torch.func.functional_call``); all other
   parameters stay frozen (biases, norms, embeddings, MoE experts: experts stay as compressed).
+* **Data.** The layer-wise pass's calibration windows, or windows of the phase's own sources
+  (``--e2e-data``, e.g. the dense model's own conversations: what a user will ask of the model),
+  built and cached by the pipeline as the pass's are; the phase only sees token ids.
 * **Training.** Adam, ``batch`` sequences a step (a seeded permutation per pass over the data, so
   the order depends only on the step number), until ``steps`` steps or ``seconds`` of training.
 * **Never worse.** The objective is measured on all calibration sequences before (the factors as the
@@ -75,6 +78,10 @@ OPTION_KEYS = {
     "e2e_precision": ("precision", "--e2e-precision"),
 }
 PRECISIONS = ("auto", "float32", "bfloat16")
+# The phase's own calibration sources (``--e2e-data``: files and source names, generated ones such as
+# ``self-chat`` included, as ``--calib-data`` takes them); not given: the layer-wise pass's windows.
+# The pipeline builds and caches these windows (``offline.pipeline``); the training never sees names.
+DATA_KEY = "e2e_data"
 
 
 @dataclass(frozen=True)
@@ -141,13 +148,27 @@ def check_options(method: str, method_options: dict) -> E2EOptions | None:
     on = method_options.get("e2e")
     if on is not None and not isinstance(on, bool):
         raise ValueError(f"--e2e must be true or false, got {on!r}")
-    given = [k for k in OPTION_KEYS if method_options.get(k) is not None]
+    cli = {**{k: option for k, (_, option) in OPTION_KEYS.items()}, DATA_KEY: "--e2e-data"}
+    given = [k for k in cli if method_options.get(k) is not None]
     if not on:
         if given:
-            raise ValueError(f"{', '.join(OPTION_KEYS[k][1] for k in given)} given without --e2e (it is off)")
+            raise ValueError(f"{', '.join(cli[k] for k in given)} given without --e2e (it is off)")
         return None
     if method != "armor":
         raise ValueError("--e2e tunes ARMOR's wrappers and kept values: it needs --method armor")
+    data = method_options.get(DATA_KEY)
+    if data is not None:
+        from armor_vllm.offline.calibration import SOURCES
+        from armor_vllm.offline.self_calibration import SELF_SOURCES
+
+        if isinstance(data, str) or not isinstance(data, (list, tuple)) or not data:
+            raise ValueError(f"--e2e-data must be a list of files or source names, got {data!r}")
+        for name in data:
+            if not (isinstance(name, str) and (name in SOURCES or name in SELF_SOURCES or Path(name).is_file())):
+                raise ValueError(
+                    f"--e2e-data {name!r} is not a file nor a source name "
+                    f"({sorted(SOURCES)} or generated: {sorted(SELF_SOURCES)})"
+                )
     return options_from(method_options)
 
 

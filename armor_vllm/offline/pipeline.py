@@ -256,18 +256,20 @@ def _with_armor_defaults(opts: OfflineOptions, model_dir: Path | None = None) ->
     (BENCHMARKS.md, section 1): distillation (``--distill``) except with ``--preset quick``, the
     fastest schedule; and in sequential order, output-aware targets for the compression
     (``--output-target dense``) and for the distillation (``--distill-target dense``); with
-    ``--preset long``, end-to-end distillation on the self-generated mix (``LONG_EXTRAS``,
-    ``LONG_CALIBRATION``; measured for retention, BENCHMARKS.md section 0). Resolved before the run's
-    fingerprint, so a resumed run does exactly what the first one did."""
+    ``--preset long``, end-to-end distillation on a self-generated mix (``LONG_EXTRAS``; measured
+    for retention, BENCHMARKS.md section 0). Resolved before the run's fingerprint, so a resumed run
+    does exactly what the first one did."""
     if opts.method != "armor":
         return opts
-    from armor_vllm.offline.methods.armor import LONG_CALIBRATION, LONG_EXTRAS
+    from armor_vllm.offline.e2e_distill import DATA_KEY
+    from armor_vllm.offline.methods.armor import LONG_EXTRAS
 
     options = dict(opts.method_options)
     if options.get("preset") == "long":  # the default plus what it adds (explicit options win)
-        options |= {k: v for k, v in LONG_EXTRAS.items() if options.get(k) is None}
-        if not opts.calib_data:
-            opts = replace(opts, calib_data=_long_calibration(LONG_CALIBRATION, model_dir))
+        extras = {k: v for k, v in LONG_EXTRAS.items() if options.get(k) is None}
+        if DATA_KEY in extras:
+            extras[DATA_KEY] = _long_calibration(tuple(extras[DATA_KEY]), model_dir)
+        options |= extras
     if options.get("distill") is None:
         options["distill"] = options.get("preset", "default") != "quick"
     if opts.order == "sequential":
@@ -280,7 +282,7 @@ def _with_armor_defaults(opts: OfflineOptions, model_dir: Path | None = None) ->
 
 
 def _long_calibration(sources: tuple[str, ...], model_dir: Path | None) -> list[str]:
-    """``--preset long``'s calibration sources for this model: without a chat template there are no
+    """``--preset long``'s end-to-end sources for this model: without a chat template there are no
     conversations to write, so ``self-chat`` is left out (given explicitly it is an error instead)."""
     if model_dir is None or "self-chat" not in sources:
         return list(sources)
@@ -435,18 +437,35 @@ def _calibrate(run: _Run) -> None:
     if run.method.name == "magnitude":
         return
     tc = time.perf_counter()
-    cached = run.work / "calibration.safetensors"
-    if cached.is_file():
-        with safe_open(str(cached), framework="pt") as handle:
-            run.samples = handle.get_tensor("samples")
-    else:
-        run.samples = _calibration_samples(run.opts, run.model_dir)
-        tmp = run.work / ".calibration.safetensors.tmp"
-        save_file({"samples": run.samples.contiguous()}, str(tmp))
-        os.replace(tmp, cached)
+    run.samples = _cached_samples(run.work / "calibration.safetensors", run.opts, run.model_dir)
     run.inputs = capture_layer_inputs(run.stream.model, run.samples)
     run.dense_inputs = run.inputs if run.follows_dense else None
     run.calib_seconds += time.perf_counter() - tc
+
+
+def _cached_samples(cached: Path, opts: OfflineOptions, model_dir: Path) -> torch.Tensor:
+    """``opts``' calibration windows, read from ``cached`` when a previous run wrote them, else built
+    (``_calibration_samples``) and written there (atomically: a half-written file never counts)."""
+    if cached.is_file():
+        with safe_open(str(cached), framework="pt") as handle:
+            return handle.get_tensor("samples")
+    samples = _calibration_samples(opts, model_dir)
+    tmp = cached.with_name(f".{cached.name}.tmp")
+    save_file({"samples": samples.contiguous()}, str(tmp))
+    os.replace(tmp, cached)
+    return samples
+
+
+def _e2e_samples(run: _Run) -> torch.Tensor:
+    """What end-to-end distillation trains on: the layer-wise pass's windows, or with ``--e2e-data``
+    windows of its own sources (same count and length; cached in the work folder like the pass's)."""
+    from armor_vllm.offline.e2e_distill import DATA_KEY
+
+    sources = run.opts.method_options.get(DATA_KEY)
+    if not sources:
+        return run.samples
+    opts = replace(run.opts, calib_data=list(sources))
+    return _cached_samples(run.work / "e2e-calibration.safetensors", opts, run.model_dir)
 
 
 def _layer_step(run: _Run, index: int, layer: nn.Module, executor):
@@ -524,7 +543,7 @@ def _finish(run: _Run, t0: float) -> dict:
             run.work,
             [_layer_file(run.work, i) for i in range(len(run.plan.targets))],
             run.plan.targets,
-            run.samples,
+            _e2e_samples(run),
             run.opts.block_size,
             run.out_dtype,
             options_from(run.opts.method_options, run.opts.seed),
@@ -616,4 +635,8 @@ def _assemble(opts, model_dir, partial, work, source_config, plan, metrics) -> d
         "experts_stats_fallback": len(
             {(m["layer"], m["name"].rsplit(".", 1)[0]) for m in metrics if m.get("stats_fallback")}
         ),
+        # What else decides the bytes: the same options give the same checkpoint for the same torch
+        # and thread count, but another thread count sums in another order, and the discrete 2:4
+        # choices turn those last-bit differences into other masks (BENCHMARKS.md, section 0).
+        "compute": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }

@@ -164,6 +164,9 @@ def test_an_interrupted_e2e_run_resumes_to_the_same_bytes(sharp_model_dir, e2e_r
         ("armor", {"e2e": True, "e2e_precision": "fp8"}, "--e2e-precision must be one of auto, float32, bfloat16"),
         ("armor", {"e2e": "yes"}, "--e2e must be true or false"),
         ("armor", {"e2e_steps": 10}, "--e2e-steps given without --e2e"),
+        ("armor", {"e2e_data": ["pydoc"]}, "--e2e-data given without --e2e"),
+        ("armor", {"e2e": True, "e2e_data": "pydoc"}, "--e2e-data must be a list"),
+        ("armor", {"e2e": True, "e2e_data": ["pydoc", "no-such-text"]}, "--e2e-data 'no-such-text' is not a file"),
         ("wanda", {"e2e": True}, "needs --method armor"),
     ],
 )
@@ -193,8 +196,38 @@ def test_options_reach_the_run_and_its_fingerprint():
     assert isinstance(Teacher, type)
 
 
+def test_e2e_trains_on_its_own_data_and_the_layer_wise_pass_on_the_calibration(sharp_model_dir, tmp_path, monkeypatch):
+    """``--e2e-data``: the end-to-end phase gets windows of its own sources (built as ``--calib-data``
+    builds them), the layer-wise pass keeps its calibration windows; both are options of the run."""
+    from dataclasses import replace
+
+    from armor_vllm.offline.pipeline import _calibration_samples
+
+    seen = {}
+    real = e2e_distill.run_e2e
+    monkeypatch.setattr(e2e_distill, "run_e2e", lambda *a, **k: (seen.setdefault("samples", a[4]), real(*a, **k))[1])
+    opts = OfflineOptions(
+        model=str(sharp_model_dir),
+        output=str(tmp_path / "own-data"),
+        calib_data=["jargon"],
+        method_options={**QUICK, "e2e": True, "e2e_steps": 1, "e2e_data": ["pydoc"]},
+        **SMALL,
+    )
+    summary = run_offline(opts)
+    assert summary["e2e"]["steps"] == 1
+    expected = _calibration_samples(replace(opts, calib_data=["pydoc"]), sharp_model_dir)
+    assert torch.equal(seen["samples"], expected)
+    assert not torch.equal(expected, _calibration_samples(opts, sharp_model_dir))
+    args = ["--output", "o", "--e2e", "--e2e-data", "pydoc", "self-chat"]
+    from armor_vllm.offline.__main__ import build_parser, options_from_args
+
+    parsed = options_from_args(build_parser().parse_args(args))
+    assert parsed.method_options["e2e_data"] == ["pydoc", "self-chat"]
+    assert parsed.fingerprint() != replace(parsed, method_options={"e2e": True}).fingerprint()
+
+
 def test_the_long_preset_is_the_default_plus_e2e_on_a_self_generated_mix():
-    from armor_vllm.offline.methods.armor import FULL_PRESETS, LONG_CALIBRATION, PRESETS
+    from armor_vllm.offline.methods.armor import FULL_PRESETS, LONG_E2E_DATA, PRESETS
     from armor_vllm.offline.pipeline import _with_armor_defaults
 
     def resolved(calib_data=(), **options):
@@ -206,22 +239,27 @@ def test_the_long_preset_is_the_default_plus_e2e_on_a_self_generated_mix():
     assert long.method_options["e2e"] is True and long.method_options["e2e_steps"] == 200
     assert long.method_options["e2e_seconds"] >= 200 * 5  # the steps decide, not the time cap
     assert long.method_options["distill"] is True  # the default's layer-wise pass, distillation included
-    assert long.calib_data == list(LONG_CALIBRATION) and {"self-chat", "self-free"} <= set(long.calib_data)
-    mine = resolved(["pydoc"], preset="long", e2e_steps=5)  # explicit options win
+    assert long.calib_data == []  # ... on the default's text calibration
+    e2e_data = long.method_options["e2e_data"]
+    assert e2e_data == list(LONG_E2E_DATA) and {"self-chat", "self-free"} <= set(e2e_data)
+    mine = resolved(["pydoc"], preset="long", e2e_steps=5, e2e_data=["jargon"])  # explicit options win
     assert mine.calib_data == ["pydoc"] and mine.method_options["e2e_steps"] == 5
+    assert mine.method_options["e2e_data"] == ["jargon"]
     assert resolved(preset="long", e2e=False).method_options["e2e"] is False
     default = resolved()  # nothing of it leaks into the default
     assert default.calib_data == [] and default.method_options["e2e"] is False
+    assert "e2e_data" not in default.method_options
     assert long.fingerprint() != default.fingerprint()
+    check_options("armor", long.method_options)  # what the preset resolves to is valid
 
 
 def test_the_long_preset_writes_no_conversations_for_a_model_without_chat_template(tiny_model_dir, monkeypatch):
     from armor_vllm.offline import self_calibration
-    from armor_vllm.offline.methods.armor import LONG_CALIBRATION
+    from armor_vllm.offline.methods.armor import LONG_E2E_DATA
     from armor_vllm.offline.pipeline import _with_armor_defaults
 
     opts = OfflineOptions(model=str(tiny_model_dir), output="o", method_options={"preset": "long"})
-    assert _with_armor_defaults(opts, tiny_model_dir).calib_data == list(LONG_CALIBRATION)
+    assert _with_armor_defaults(opts, tiny_model_dir).method_options["e2e_data"] == list(LONG_E2E_DATA)
     monkeypatch.setattr(self_calibration, "has_chat_template", lambda tokenizer: False)
-    sources = _with_armor_defaults(opts, tiny_model_dir).calib_data
+    sources = _with_armor_defaults(opts, tiny_model_dir).method_options["e2e_data"]
     assert "self-chat" not in sources and "self-free" in sources

@@ -64,7 +64,10 @@ def test_interrupted_run_resumes_to_identical_bytes(
         model=str(tiny_model_dir), method=method, block_size=32, order=order, method_options=method_options, **SMALL
     )
     reference = tmp_path / "reference"
-    run_offline(OfflineOptions(output=str(reference), **opts))
+    summary = run_offline(OfflineOptions(output=str(reference), **opts))
+    # what else decides the bytes is in the report (another thread count sums in another order)
+    stored = json.loads((reference / "armor_report.json").read_text())["summary"]["compute"]
+    assert stored == summary["compute"] == {"torch": torch.__version__, "threads": torch.get_num_threads()}
 
     out = tmp_path / "resumed"
     real = pipeline._compress_layer

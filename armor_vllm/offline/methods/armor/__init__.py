@@ -11,10 +11,12 @@ Presets (``preset=``; explicit options override them):
 * ``default`` -- the same with 16 rounds: SmolLM2-135M (210 linears) in about 12 minutes of optimiser
   time on 2 CPU cores, loss still falling slowly (see ``benchmarks/optimizer_speed.py``). CG converges
   in 2-4 steps; the discrete sweeps bring most of the gain after the first round.
-* ``long``    -- the default's layer-wise pass, then end-to-end distillation of the whole model
-  against the dense one (``LONG_EXTRAS``: ``offline.e2e_distill``), on a calibration set that mixes
-  the dense model's own conversations and free generations with the texts: about 2x the default's
-  time, for the retention it buys (``BENCHMARKS.md``, section 0). Every extra can be overridden.
+* ``long``    -- the default's layer-wise pass (on the default's text calibration), then end-to-end
+  distillation of the whole model against the dense one (``LONG_EXTRAS``: ``offline.e2e_distill``) on
+  windows of its own that mix the dense model's conversations and free generations with the texts
+  (``LONG_E2E_DATA``): about 2x the default's time, for the retention it buys (``BENCHMARKS.md``,
+  section 0: calibrating the layer-wise pass on that mix too measured fewer answers). Every extra can
+  be overridden.
 * ``paper``   -- the reference implementation's schedule as near as feasible: 3000 iterations of one
   Adam step (lr 1e-4) on ``A``, ``B`` and the kept values of ``S`` followed by one discrete step with
   one group per tile sampled with probability proportional to the L1 norm of the loss gradient on the
@@ -63,10 +65,15 @@ PRESETS: dict[str, Schedule] = {
     "paper": Schedule(solver="adam", iterations=3000, lr=1e-4, patience=100, rtol=1e-6, damping=1e-9),
 }
 
-# What ``--preset long`` adds to the default (explicit options win): method options, and the
-# calibration sources when ``--calib-data`` is not given (the default texts plus the generated ones).
-LONG_EXTRAS = {"e2e": True, "e2e_steps": 200, "e2e_seconds": 1500.0}  # steps decide on 2 idle cores (4-5 s a step)
-LONG_CALIBRATION = ("pydoc", "jargon", "opticks", "licenses", "self-chat", "self-free")
+# What ``--preset long`` adds to the default (explicit options win): end-to-end distillation, on its
+# own windows (``--e2e-data``: the default texts plus the dense model's generated ones).
+LONG_E2E_DATA = ("pydoc", "jargon", "opticks", "licenses", "self-chat", "self-free")
+LONG_EXTRAS = {  # the steps decide on 2 idle cores (4-5 s a step), not the time cap
+    "e2e": True,
+    "e2e_steps": 200,
+    "e2e_seconds": 1500.0,
+    "e2e_data": list(LONG_E2E_DATA),
+}
 
 
 def preset_with_overrides(presets: dict, options: dict, what: str = ""):
