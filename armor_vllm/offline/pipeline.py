@@ -281,6 +281,21 @@ def _with_armor_defaults(opts: OfflineOptions, model_dir: Path | None = None) ->
     return replace(opts, method_options=options)
 
 
+def _check_chat_sources(opts: OfflineOptions, model_dir: Path) -> None:
+    """``self-chat`` in ``--calib-data`` or ``--e2e-data`` needs a chat template: refused before any
+    work (the end-to-end windows are otherwise only built after the whole layer-wise pass)."""
+    from armor_vllm.offline.e2e_distill import DATA_KEY
+
+    for option, sources in (("--calib-data", opts.calib_data), ("--e2e-data", opts.method_options.get(DATA_KEY))):
+        if sources and "self-chat" in sources:
+            from transformers import AutoTokenizer
+
+            from armor_vllm.offline.self_calibration import has_chat_template
+
+            if not has_chat_template(AutoTokenizer.from_pretrained(model_dir)):
+                raise ValueError(f"{option} self-chat needs a model with a chat template; {model_dir} has none")
+
+
 def _long_calibration(sources: tuple[str, ...], model_dir: Path | None) -> list[str]:
     """``--preset long``'s end-to-end sources for this model: without a chat template there are no
     conversations to write, so ``self-chat`` is left out (given explicitly it is an error instead)."""
@@ -402,6 +417,7 @@ def _start(opts: OfflineOptions) -> _Run:
     opts = _with_armor_defaults(opts, model_dir)
     # Before anything is written: an architecture or option the pass cannot handle fails here.
     targets_mod.check_architecture(model_dir)
+    _check_chat_sources(opts, model_dir)
     stream = LayerStream(model_dir, dtype=torch.float32)
     plan = targets_mod.plan(stream, list(opts.ignore), opts.block_size)
     # From here on the block size is a number ("auto" resolved), so an explicit --block-size of the

@@ -263,3 +263,21 @@ def test_the_long_preset_writes_no_conversations_for_a_model_without_chat_templa
     monkeypatch.setattr(self_calibration, "has_chat_template", lambda tokenizer: False)
     sources = _with_armor_defaults(opts, tiny_model_dir).method_options["e2e_data"]
     assert "self-chat" not in sources and "self-free" in sources
+
+
+@pytest.mark.parametrize("option", ["calib_data", "e2e_data"])
+def test_self_chat_without_a_chat_template_is_refused_before_any_work(tiny_model_dir, tmp_path, monkeypatch, option):
+    from armor_vllm.offline import self_calibration
+
+    monkeypatch.setattr(self_calibration, "has_chat_template", lambda tokenizer: False)
+    given = {"e2e": True, "e2e_data": ["pydoc", "self-chat"]} if option == "e2e_data" else {}
+    opts = OfflineOptions(
+        model=str(tiny_model_dir),
+        output=str(tmp_path / "x"),
+        calib_data=["pydoc", "self-chat"] if option == "calib_data" else [],
+        method_options={**QUICK, **given},
+        **SMALL,
+    )
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} self-chat needs a model with a chat template"):
+        run_offline(opts)
+    assert not (tmp_path / "x.partial").exists()
