@@ -474,11 +474,12 @@ def _cached_samples(cached: Path, opts: OfflineOptions, model_dir: Path) -> torc
 
 def _e2e_samples(run: _Run) -> torch.Tensor:
     """What end-to-end distillation trains on: the layer-wise pass's windows, or with ``--e2e-data``
-    windows of its own sources (same count and length; cached in the work folder like the pass's)."""
+    windows of its own sources (same count and length; cached in the work folder like the pass's;
+    the same sources as the calibration's are the same windows, not written twice)."""
     from armor_vllm.offline.e2e_distill import DATA_KEY
 
     sources = run.opts.method_options.get(DATA_KEY)
-    if not sources:
+    if not sources or list(sources) == list(run.opts.calib_data):
         return run.samples
     opts = replace(run.opts, calib_data=list(sources))
     return _cached_samples(run.work / "e2e-calibration.safetensors", opts, run.model_dir)

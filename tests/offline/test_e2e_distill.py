@@ -225,6 +225,20 @@ def test_e2e_trains_on_its_own_data_and_the_layer_wise_pass_on_the_calibration(s
     assert parsed.method_options["e2e_data"] == ["pydoc", "self-chat"]
     assert parsed.fingerprint() != replace(parsed, method_options={"e2e": True}).fingerprint()
 
+    # the calibration's own sources: the pass's windows, not built a second time
+    from armor_vllm.offline import pipeline
+
+    built = []
+    real_build = pipeline._calibration_samples
+    monkeypatch.setattr(pipeline, "_calibration_samples", lambda *a: (built.append(a), real_build(*a))[1])
+    seen.clear()
+    run_offline(
+        replace(
+            opts, output=str(tmp_path / "same-data"), method_options={**opts.method_options, "e2e_data": ["jargon"]}
+        )
+    )
+    assert len(built) == 1 and torch.equal(seen["samples"], real_build(opts, sharp_model_dir))
+
 
 def test_the_long_preset_is_the_default_plus_e2e_on_a_self_generated_mix():
     from armor_vllm.offline.methods.armor import FULL_PRESETS, LONG_E2E_DATA, PRESETS
