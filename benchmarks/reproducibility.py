@@ -36,7 +36,10 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from armor_vllm.core.reader import dense_state_dict  # noqa: E402
+from armor_vllm.core.checkpoint import load_tensors  # noqa: E402
+from armor_vllm.core.format import decode_layer  # noqa: E402
+from armor_vllm.core.reader import compressed_prefixes  # noqa: E402
+from armor_vllm.core.validate import validate_checkpoint_dir  # noqa: E402
 from armor_vllm.hardware import cpu_flags  # noqa: E402
 from armor_vllm.models import resolve_model  # noqa: E402
 
@@ -64,30 +67,26 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _mask_bits(path: Path) -> dict[str, torch.Tensor]:
-    """Every compressed matrix's 2:4 bitmask (compressed-tensors' packed ``.bitmask``) as bits."""
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as h:
-            for k in h.keys():
-                if k.endswith(".bitmask"):
-                    packed = h.get_tensor(k).contiguous().view(torch.uint8).flatten()
-                    out[k] = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return out
+def _layers(path: Path) -> dict:
+    """Every compressed matrix of a checkpoint as the project reads it (``core.format.decode_layer``)."""
+    config = validate_checkpoint_dir(path).config
+    tensors = load_tensors(path)
+    return {p: decode_layer(p, tensors, config.block_size, config.wrappers) for p in compressed_prefixes(tensors)}
 
 
 def compare(a: Path, b: Path) -> dict:
     """Kept positions that moved (share of all kept ones) and the largest relative difference of a
     rebuilt compressed weight (``A·S·B``), between two checkpoints of the same model."""
-    ma, mb = _mask_bits(a), _mask_bits(b)
-    kept = sum(int(m.sum()) for m in ma.values())
-    moved = sum(int((ma[k] & (1 - mb[k])).sum()) for k in ma)
-    wa, wb = dense_state_dict(a), dense_state_dict(b)
-    worst = max(
-        float((wa[n].float() - wb[n].float()).norm() / wa[n].float().norm())
-        for n in wa
-        if ".layers." in n and n.endswith("proj.weight")
-    )
+    la, lb = _layers(a), _layers(b)
+    kept = moved = 0
+    worst = 0.0
+    for name, x in la.items():
+        y = lb[name]
+        ka, kb = x.core != 0, y.core != 0
+        kept += int(ka.sum())
+        moved += int((ka & ~kb).sum())
+        wa, wb = x.weight(), y.weight()
+        worst = max(worst, float((wa - wb).norm() / wa.norm()))
     return {"kept": kept, "moved": moved, "moved_share": moved / max(kept, 1), "max_relative_difference": worst}
 
 
