@@ -43,7 +43,8 @@ def main() -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seconds", type=float, default=1e9, help="training-time cap (default: none, steps decide)")
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=3e-5, help="Adam's learning rate (the peak with --schedule cosine)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning rate by step")
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--calib-samples", type=int, default=64)
@@ -116,6 +117,7 @@ def main() -> int:
         steps=args.steps,
         seconds=args.seconds,
         lr=args.lr,
+        schedule=args.schedule,
         topk=args.topk,
         batch=args.batch,
         precision=args.precision,

@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the 2:4 pruning ARMOR starts from (default: sparsegpt for --objective full, nowag for diag)",
     )
     p.add_argument(
+        "--damp",
+        type=float,
+        default=None,
+        help="armor and sparsegpt: the share of the mean of diag(X^T X) added to its diagonal (SparseGPT's "
+        "damping, llm-compressor's dampening_frac); larger values weigh the plain weight error more against "
+        "the calibration inputs' (default 0.01)",
+    )
+    p.add_argument(
         "--output-target",
         choices=["layer", "dense"],
         default=None,
@@ -141,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="--e2e: training time budget in seconds (default 600; the teacher pass and the before/after "
         "measurements come on top)",
     )
-    p.add_argument("--e2e-lr", type=float, default=None, help="--e2e: Adam learning rate (default 3e-5)")
+    p.add_argument(
+        "--e2e-lr", type=float, default=None, help="--e2e: Adam learning rate (default 3e-5; the peak with cosine)"
+    )
+    p.add_argument(
+        "--e2e-schedule",
+        choices=("constant", "cosine"),
+        default=None,
+        help="--e2e: the learning rate by step: constant (default), or cosine (a warmup over 5%% of "
+        "--e2e-steps, then down to 0 at the last step)",
+    )
     p.add_argument("--e2e-topk", type=int, default=None, help="--e2e: teacher tokens kept per position (default 64)")
     p.add_argument("--e2e-batch", type=int, default=None, help="--e2e: calibration sequences per step (default 2)")
     p.add_argument(

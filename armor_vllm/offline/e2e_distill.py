@@ -30,7 +30,8 @@ How:
   (``--e2e-data``, e.g. the dense model's own conversations: what a user will ask of the model),
   built and cached by the pipeline as the pass's are; the phase only sees token ids.
 * **Training.** Adam, ``batch`` sequences a step (a seeded permutation per pass over the data, so
-  the order depends only on the step number), until ``steps`` steps or ``seconds`` of training.
+  the order depends only on the step number), until ``steps`` steps or ``seconds`` of training; the
+  learning rate constant or on a warmed-up cosine over ``steps`` (``lr_at``).
 * **Never worse.** The objective is measured on all calibration sequences before (the factors as the
   layer files hold them) and after (the tuned factors as they will be STORED: kept values rounded to
   the checkpoint dtype, wrappers float32); the layer files are rewritten only when it went down.
@@ -72,12 +73,15 @@ OPTION_KEYS = {
     "e2e_steps": ("steps", "--e2e-steps"),
     "e2e_seconds": ("seconds", "--e2e-seconds"),
     "e2e_lr": ("lr", "--e2e-lr"),
+    "e2e_schedule": ("schedule", "--e2e-schedule"),
     "e2e_topk": ("topk", "--e2e-topk"),
     "e2e_batch": ("batch", "--e2e-batch"),
     "e2e_hidden": ("hidden", "--e2e-hidden"),
     "e2e_precision": ("precision", "--e2e-precision"),
 }
 PRECISIONS = ("auto", "float32", "bfloat16")
+SCHEDULES = ("constant", "cosine")
+WARMUP_SHARE = 0.05  # cosine: the share of the steps the learning rate rises over, from lr/steps to lr
 # The phase's own calibration sources (``--e2e-data``: files and source names, generated ones such as
 # ``self-chat`` included, as ``--calib-data`` takes them); not given: the layer-wise pass's windows.
 # The pipeline builds and caches these windows (``offline.pipeline``); the training never sees names.
@@ -88,7 +92,8 @@ DATA_KEY = "e2e_data"
 class E2EOptions:
     steps: int = 1000  # Adam steps (at most); the time budget usually ends training first
     seconds: float = 600.0  # training seconds (across interruptions); teacher pass and measurements extra
-    lr: float = 3e-5
+    lr: float = 3e-5  # constant: every step's; cosine: the peak
+    schedule: str = "constant"  # learning rate by step: ``lr_at``
     topk: int = 64  # teacher tokens kept per position
     batch: int = 2  # calibration sequences per step
     hidden: float = 0.0  # weight of the final hidden states' relative squared error (0: KL only)
@@ -111,8 +116,25 @@ class E2EOptions:
         number("seconds", self.seconds, positive=True)
         number("lr", self.lr, positive=True)
         number("hidden", self.hidden, positive=False)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--e2e-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--e2e-precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def lr_at(step: int, options: E2EOptions) -> float:
+    """The learning rate of step ``step`` (0-based). ``constant``: ``lr``. ``cosine``: a linear rise
+    over the first ``WARMUP_SHARE`` of ``steps`` (so that Adam's first, largest normalised updates are
+    small), then half a cosine from ``lr`` down to 0 at ``steps``. A function of the step number only,
+    so a resumed run follows the same schedule; when the time budget ends training first, the rate
+    has not reached 0."""
+    if options.schedule == "constant":
+        return options.lr
+    warmup = max(1, round(WARMUP_SHARE * options.steps))
+    if step < warmup:
+        return options.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, options.steps - warmup)
+    return options.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def training_dtype(precision: str, device) -> torch.dtype:
@@ -466,6 +488,8 @@ def run_e2e(
     while step < options.steps and trained < options.seconds:
         t0 = time.perf_counter()
         rows = batch_rows(step, options.batch, n, options.seed)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, options)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             logits, h = _forward(model, student.weights(), samples[rows].to(device), options.hidden > 0)
@@ -496,6 +520,8 @@ def run_e2e(
         "kl_after": kl_after,
         "kept": float(kept),
         "steps": step,
+        "lr": options.lr,
+        "schedule": options.schedule,
         "precision": dtype_name(dtype),
         "sequences": n,
         "seconds_train": trained,

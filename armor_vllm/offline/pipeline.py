@@ -233,6 +233,7 @@ def _metric(index: int, t: Target, result, weight: torch.Tensor, stats, seconds:
 
 def _check_targets(opts: OfflineOptions, method_cls) -> None:
     """``--output-target`` and ``--distill-target``: known values, in an order where they mean something."""
+    from armor_vllm.offline.methods.sparsegpt import check_damp
     from armor_vllm.offline.output_target import OUTPUT_TARGETS, check_mix
 
     for key in ("output_target", "distill_target"):
@@ -242,6 +243,8 @@ def _check_targets(opts: OfflineOptions, method_cls) -> None:
             raise ValueError(f"{option} {value!r} is not one of {list(OUTPUT_TARGETS)}")
         if value == "dense" and opts.order != "sequential":
             raise ValueError(f"{option} dense needs --order sequential (in dense order both targets are the same)")
+    if "damp" in opts.method_options:
+        check_damp(opts.method_options["damp"], method_cls.name, opts.method_options.get("output_target", "layer"))
     if "output_target_mix" in opts.method_options:
         check_mix(opts.method_options["output_target_mix"])
     if opts.method_options.get("output_target") == "dense" and method_cls.name == "magnitude":

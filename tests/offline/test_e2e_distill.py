@@ -114,6 +114,33 @@ def test_auto_precision_is_bfloat16_only_where_the_hardware_multiplies_it(monkey
     assert hardware.cpu_has_native_bf16(frozenset({"avx512_bf16"}))
 
 
+def test_the_cosine_schedule_warms_up_peaks_and_ends_near_zero():
+    options = E2EOptions(steps=200, lr=1e-4, schedule="cosine")
+    rates = [e2e_distill.lr_at(s, options) for s in range(200)]
+    warmup = round(e2e_distill.WARMUP_SHARE * 200)
+    assert rates[0] == pytest.approx(1e-4 / warmup) and max(rates) == pytest.approx(1e-4)
+    assert all(a < b for a, b in zip(rates[:warmup], rates[1:warmup]))  # rises
+    assert all(a >= b for a, b in zip(rates[warmup - 1 :], rates[warmup:]))  # then falls
+    assert rates[-1] < 1e-4 / 1000
+    assert {e2e_distill.lr_at(s, E2EOptions(lr=2e-5)) for s in (0, 7, 999)} == {2e-5}
+
+
+def test_a_cosine_run_trains_at_the_schedule_s_rates(sharp_model_dir, tmp_path, monkeypatch):
+    """The optimiser steps at ``lr_at`` of each step, and the run says which schedule it followed."""
+    used = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    info = _run(sharp_model_dir, tmp_path / "cosine", e2e_steps=4, e2e_lr=1e-3, e2e_schedule="cosine")["e2e"]
+    options = E2EOptions(steps=4, lr=1e-3, schedule="cosine")
+    assert used == [e2e_distill.lr_at(s, options) for s in range(4)] and len(set(used)) > 1
+    assert info["schedule"] == "cosine" and info["lr"] == 1e-3
+
+
 def test_an_absurd_learning_rate_leaves_the_layer_wise_result_untouched(sharp_model_dir, tmp_path, monkeypatch):
     from armor_vllm.hf.dense import load_dense_hf_model
 
@@ -162,6 +189,7 @@ def test_an_interrupted_e2e_run_resumes_to_the_same_bytes(sharp_model_dir, e2e_r
         ("armor", {"e2e": True, "e2e_batch": True}, "--e2e-batch must be a positive integer"),
         ("armor", {"e2e": True, "e2e_hidden": -0.5}, "--e2e-hidden must be a number >= 0"),
         ("armor", {"e2e": True, "e2e_precision": "fp8"}, "--e2e-precision must be one of auto, float32, bfloat16"),
+        ("armor", {"e2e": True, "e2e_schedule": "linear"}, "--e2e-schedule must be one of constant, cosine"),
         ("armor", {"e2e": "yes"}, "--e2e must be true or false"),
         ("armor", {"e2e_steps": 10}, "--e2e-steps given without --e2e"),
         ("armor", {"e2e_data": ["pydoc"]}, "--e2e-data given without --e2e"),

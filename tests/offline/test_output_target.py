@@ -169,6 +169,9 @@ def test_output_aware_armor_with_distillation_to_the_dense_model(tiny_model_dir,
             dict(method="sparsegpt", method_options={"output_target": "dense", "output_target_mix": 0}),
             r"--output-target-mix must be a number in \(0, 1\], got 0",
         ),
+        (dict(method="armor", method_options={"damp": -0.1}), "--damp must be a finite number >= 0, got -0.1"),
+        (dict(method="sparsegpt", method_options={"damp": "1"}), "--damp must be a finite number >= 0, got '1'"),
+        (dict(method="wanda", method_options={"damp": 0.1}), "--method wanda does not use it"),
     ],
 )
 def test_bad_output_target_options_fail_before_any_work(tiny_model_dir, tmp_path, options, message):
@@ -201,3 +204,24 @@ def test_output_aware_moe_model_keeps_the_layer_target_for_its_experts(tmp_path,
     assert experts and all("output_target_shift" not in m for m in experts)
     assert linears and all("output_target_shift" in m for m in linears)
     assert any(m["output_target_shift"] > 1e-3 for m in linears if m["layer"] == 1)
+
+
+def test_damp_reaches_the_compression_and_the_command_line(tiny_model_dir, tmp_path):
+    """``--damp`` is SparseGPT's damping of ``X^T X`` (and of the output-aware target): given on the
+    command line it reaches the method, and a large one changes what is written."""
+    import hashlib
+
+    from armor_vllm.offline.__main__ import build_parser, options_from_args
+
+    assert options_from_args(build_parser().parse_args(["--output", "o", "--damp", "0.5"])).method_options == {
+        "damp": 0.5
+    }
+    digests = []
+    for damp in (0.01, 10.0):
+        out = tmp_path / f"damp{damp}"
+        opts = dict(output_target="dense", damp=damp)
+        run_offline(
+            OfflineOptions(model=str(tiny_model_dir), output=str(out), method="sparsegpt", method_options=opts, **SMALL)
+        )
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] != digests[1]

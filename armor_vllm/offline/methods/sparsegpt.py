@@ -22,6 +22,20 @@ from armor_vllm.offline.methods.base import (
 from armor_vllm.offline.methods.magnitude import plain_24_layer
 from armor_vllm.offline.objective import relative_proxy_loss
 
+DAMP_METHODS = ("armor", "sparsegpt")  # the methods whose own objective is damped (``damped_hessian``)
+
+
+def check_damp(damp, method: str, output_target: str = "layer") -> float:
+    """``--damp``: a number >= 0, for a method (or an output-aware target) that damps ``X^T X``."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0 or damp == float("inf"):
+        raise ValueError(f"--damp must be a finite number >= 0, got {damp!r}")
+    if method not in DAMP_METHODS and output_target != "dense":
+        raise ValueError(
+            f"--damp damps X^T X for --method {' or '.join(DAMP_METHODS)} (or --output-target dense); "
+            f"--method {method} does not use it"
+        )
+    return float(damp)
+
 
 def damped_hessian(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT's damping of ``H`` (float64): dead input channels (zero diagonal) get a unit
