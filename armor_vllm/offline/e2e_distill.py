@@ -81,7 +81,7 @@ OPTION_KEYS = {
 }
 PRECISIONS = ("auto", "float32", "bfloat16")
 SCHEDULES = ("constant", "cosine")
-WARMUP_SHARE = 0.05  # cosine: the share of the steps the learning rate rises over, from lr/steps to lr
+WARMUP_SHARE = 0.05  # cosine: the share of the steps the learning rate rises over (linearly, to lr)
 # The phase's own calibration sources (``--e2e-data``: files and source names, generated ones such as
 # ``self-chat`` included, as ``--calib-data`` takes them); not given: the layer-wise pass's windows.
 # The pipeline builds and caches these windows (``offline.pipeline``); the training never sees names.
