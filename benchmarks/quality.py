@@ -158,6 +158,9 @@ RUNS = {
     "armor-default-calib-128": ["--method", "armor", "--calib-samples", "128"],
     # ... starting from NoWag-P instead of SparseGPT
     "armor-default-init-nowag": ["--method", "armor", "--init", "nowag"],
+    # ... with SparseGPT's damping raised (the default is 0.01; section 0 of BENCHMARKS.md: retention)
+    "armor-default-damp0.1": ["--method", "armor", "--damp", "0.1"],
+    "armor-default-damp1": ["--method", "armor", "--damp", "1.0"],
 }
 
 
