@@ -260,12 +260,13 @@ def _with_armor_defaults(opts: OfflineOptions, model_dir: Path | None = None) ->
     fastest schedule; and in sequential order, output-aware targets for the compression
     (``--output-target dense``) and for the distillation (``--distill-target dense``); with
     ``--preset long``, end-to-end distillation on a self-generated mix (``LONG_EXTRAS``; measured
-    for retention, BENCHMARKS.md section 0). Resolved before the run's fingerprint, so a resumed run
+    for retention, BENCHMARKS.md section 0); and ``--damp 0.1`` (``DEFAULT_DAMP``, measured for
+    retention, section 0). Resolved before the run's fingerprint, so a resumed run
     does exactly what the first one did."""
     if opts.method != "armor":
         return opts
     from armor_vllm.offline.e2e_distill import DATA_KEY
-    from armor_vllm.offline.methods.armor import LONG_EXTRAS
+    from armor_vllm.offline.methods.armor import DEFAULT_DAMP, LONG_EXTRAS
 
     options = dict(opts.method_options)
     if options.get("preset") == "long":  # the default plus what it adds (explicit options win)
@@ -275,6 +276,8 @@ def _with_armor_defaults(opts: OfflineOptions, model_dir: Path | None = None) ->
         options |= extras
     if options.get("distill") is None:
         options["distill"] = options.get("preset", "default") != "quick"
+    if options.get("damp") is None:
+        options["damp"] = DEFAULT_DAMP
     if opts.order == "sequential":
         options.setdefault("output_target", "dense")
         if options["distill"]:

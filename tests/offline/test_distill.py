@@ -168,6 +168,14 @@ def test_armor_defaults_distil_and_target_the_dense_model(tiny_model_dir, tmp_pa
     assert resolved(output_target="layer", distill_target="layer") == (True, "layer", "layer")  # explicit wins
     assert resolved(order="dense") == (True, None, None)  # both paths are the dense model's there
     assert resolved("wanda") == (None, None, None)  # baselines stay as published
+    def damp(method="armor", **method_options):
+        opts = OfflineOptions(model="m", output="o", method=method, method_options=method_options)
+        return _with_armor_defaults(opts).method_options.get("damp")
+
+    assert damp() == damp(preset="quick") == damp(preset="long") == 0.1  # measured for retention (section 0)
+    assert damp(damp=0.01) == 0.01 and damp(damp=0.0) == 0.0  # an explicit value wins, zero included
+    assert damp("sparsegpt") is None  # SparseGPT keeps its published 0.01 (its own default)
+    assert build_parser().parse_args(["--output", "o"]).damp is None  # not given: resolved above
     assert build_parser().parse_args(["--output", "o", "--no-distill"]).distill is False
     assert build_parser().parse_args(["--output", "o"]).distill is None  # not given: the default above
 
@@ -187,6 +195,7 @@ def test_armor_defaults_distil_and_target_the_dense_model(tiny_model_dir, tmp_pa
     assert all(m["distill_steps"] == 2 and "output_target_shift" in m for m in matrices)
     producer = json.loads((out / "config.json").read_text())["quantization_config"]["producer"]
     assert producer["distill"] is True and producer["output_target"] == producer["distill_target"] == "dense"
+    assert producer["damp"] == 0.1  # the resolved default is what the checkpoint records
 
 
 def test_distillation_tunes_the_projections_and_keeps_moe_experts_as_compressed(tmp_path, default_model_dir):

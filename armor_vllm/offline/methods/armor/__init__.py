@@ -57,6 +57,9 @@ from armor_vllm.offline.objective import fold_normalisation, normalise
 
 DEFAULT_OBJECTIVE = "full"
 DEFAULT_INIT = {"diag": "nowag", "full": "sparsegpt"}  # by objective
+# SparseGPT's relative damping of ``H`` for ARMOR (``--damp``): 0.1 rather than SparseGPT's 0.01 kept
+# more of the dense model's answers on the quick and default presets (BENCHMARKS.md, section 0).
+DEFAULT_DAMP = 0.1
 
 PRESETS: dict[str, Schedule] = {
     "quick": Schedule(iterations=4),
@@ -154,7 +157,7 @@ class Armor(CompressionMethod):
             check_block_size(d_in, self.block_size, what=f"input dimension of {name} ({d_out}x{d_in})")
         weights = {n: w.to(device=self.device, dtype=torch.float32) for n, w in weights.items()}
         stats = stats.to(self.device)
-        damp = float(self.options.get("damp", 0.01))
+        damp = float(self.options.get("damp", DEFAULT_DAMP))
         start = time.perf_counter()
         cores = (
             initial_cores(weights, stats, self.init, damp) if self.init != "nowag" or self.objective == "full" else None
