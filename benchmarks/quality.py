@@ -34,7 +34,9 @@ TEXTS = ("builtin", "fortunes", "devil")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag")
 # Every ARMOR run spells out its output and distillation targets: the CLI's defaults (dense, dense,
 # distillation on) came from these measurements.
-_FULL = ["--method", "armor", "--objective", "full", "--init", "sparsegpt"]
+# The runs measured before ARMOR's damping default became 0.1 (2026-12-03) pin the 0.01 they ran with.
+_OLD_DAMP = ["--damp", "0.01"]
+_FULL = ["--method", "armor", "--objective", "full", "--init", "sparsegpt", *_OLD_DAMP]
 _PLAIN = ["--output-target", "layer", "--no-distill"]  # the layer target, no distillation
 RUNS = {
     # name: offline options
@@ -151,14 +153,15 @@ RUNS = {
     "armor-full-sgpt-calib-pydoc": [*_FULL, "--calib-data", "pydoc", "--block-size", "32", *_PLAIN],
     "sparsegpt-calib-pydoc": ["--method", "sparsegpt", "--calib-data", "pydoc"],
     # the CLI default: full objective from SparseGPT, block size auto (64 here), both targets dense,
-    # distillation (16 steps, lr 3e-4); `make demo` runs exactly this
+    # distillation (16 steps, lr 3e-4), damping 0.1; `make demo` runs exactly this
     "armor-default": ["--method", "armor"],
-    # ... with other calibration sizes
-    "armor-default-calib-32": ["--method", "armor", "--calib-samples", "32"],
-    "armor-default-calib-128": ["--method", "armor", "--calib-samples", "128"],
+    # ... as it was until 2026-12-03, with SparseGPT's damping (0.01), and the variants measured then
+    "armor-default-damp0.01": ["--method", "armor", *_OLD_DAMP],
+    "armor-default-calib-32": ["--method", "armor", "--calib-samples", "32", *_OLD_DAMP],
+    "armor-default-calib-128": ["--method", "armor", "--calib-samples", "128", *_OLD_DAMP],
     # ... starting from NoWag-P instead of SparseGPT
-    "armor-default-init-nowag": ["--method", "armor", "--init", "nowag"],
-    # ... with SparseGPT's damping raised (the default is 0.01; section 0 of BENCHMARKS.md: retention)
+    "armor-default-init-nowag": ["--method", "armor", "--init", "nowag", *_OLD_DAMP],
+    # ... with the damping spelt out (section 0 of BENCHMARKS.md: retention); 0.1 is now the default
     "armor-default-damp0.1": ["--method", "armor", "--damp", "0.1"],
     "armor-default-damp1": ["--method", "armor", "--damp", "1.0"],
 }
