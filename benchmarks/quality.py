@@ -164,6 +164,14 @@ RUNS = {
     # ... with the damping spelt out (section 0 of BENCHMARKS.md: retention); 0.1 is now the default
     "armor-default-damp0.1": ["--method", "armor", "--damp", "0.1"],
     "armor-default-damp1": ["--method", "armor", "--damp", "1.0"],
+    # calibration sources (section 0 of BENCHMARKS.md: retention), on the quick preset (no distillation):
+    # the four texts, the texts with the dense model's own conversations and free generations, those alone
+    "armor-quick-text": ["--method", "armor", "--preset", "quick"],
+    "armor-quick-selfmix": [
+        *["--method", "armor", "--preset", "quick"],
+        *["--calib-data", "pydoc", "jargon", "opticks", "licenses", "self-chat", "self-free"],
+    ],
+    "armor-quick-self": ["--method", "armor", "--preset", "quick", "--calib-data", "self-chat", "self-free"],
 }
 
 

@@ -14,6 +14,8 @@ through ``armor_vllm``'s transformers quantizer, its layers folded into dense ``
 ``--no-dequantize``: the same function, faster on a CPU), or ``default`` for the embedded model. A model
 already in ``--out`` with the same directory and settings is reused (``--recompute`` to run it
 again), so models can be added one run at a time. A bar plot is written beside the JSON.
+``--prompt plain`` asks a base model (no chat tuning) "Question: ...\nAnswer:" instead, its reply
+cut at the first line break.
 """
 
 from __future__ import annotations
@@ -130,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="where the models run (cpu, cuda, ...)")
     parser.add_argument("--recompute", action="store_true", help="evaluate models already in --out again")
     parser.add_argument(
+        "--prompt",
+        choices=["chat", "plain"],
+        default="chat",
+        help="how questions are asked: through the model's chat template (chat, for a chat model), or as "
+        "'Question: ...\\nAnswer:' with the reply cut at its first line break (plain, for a base model)",
+    )
+    parser.add_argument(
         "--no-dequantize",
         dest="dequantize",
         action="store_false",
@@ -156,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     digest = sets_digest()
     settings = {"limit": args.limit, "max_new_tokens": args.max_new_tokens, "sets": digest, "dtype": "float32"}
+    if args.prompt != "chat":  # chat-prompt results of earlier versions stay comparable
+        settings["prompt"] = args.prompt
     stored: dict[str, dict] = {}
     if previous.get("settings") == settings:
         stored = previous.get("models", {})
@@ -194,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             progress=True,
+            prompt=args.prompt,
         )
         eval_s = time.perf_counter() - t0
         print(f"{name}: evaluated in {eval_s:.1f} s", file=sys.stderr)

@@ -187,3 +187,20 @@ def tp_checkpoint(tp_plain_checkpoint) -> Path:
     shutil.copytree(tp_plain_checkpoint, out)
     _perturb_wrappers(out, seed=1, scale=0.05)
     return out
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer(default_model_dir):
+    """The embedded model's tokenizer made to add a beginning-of-sequence token, as Llama, Gemma and
+    Mistral tokenizers do (the embedded SmolLM2 tokenizer adds none)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tok.bos_token = "<|endoftext|>"
+    assert tok("hello")["input_ids"][0] == bos and tok("hello", add_special_tokens=False)["input_ids"][0] != bos
+    return tok

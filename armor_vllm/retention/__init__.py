@@ -116,21 +116,41 @@ def score_generation(items: Sequence[dict], replies: Sequence[str]) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------ model
-def chat_prompt(tokenizer, question: str) -> str:
+PROMPTS = ("chat", "plain")
+
+
+def check_prompt(prompt: str) -> str:
+    """``prompt``: how a question is put to the model (``PROMPTS``)."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt {prompt!r} is not one of {list(PROMPTS)}")
+    return prompt
+
+
+def _templated(tokenizer, prompt: str) -> bool:
+    return check_prompt(prompt) == "chat" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_prompt(tokenizer, question: str, prompt: str = "chat") -> str:
     """``question`` as one user message through the tokenizer's chat template, ready for the
-    assistant's reply (a plain "Question: ...\\nAnswer:" for a tokenizer without a template)."""
-    if getattr(tokenizer, "chat_template", None):
+    assistant's reply; a plain "Question: ...\nAnswer:" with ``prompt="plain"`` (for a base model,
+    which was never tuned to a template) or for a tokenizer without a template."""
+    if _templated(tokenizer, prompt):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
     return f"Question: {question}\nAnswer:"
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer, text: str, prompt: str = "chat") -> list[int]:
     # the chat template writes every special token itself (a BOS included, where a model uses one);
-    # a tokenizer without a template starts the sequence as it always does
-    special = not getattr(tokenizer, "chat_template", None)
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    # a plain prompt starts the sequence as the tokenizer always does
+    return list(tokenizer(text, add_special_tokens=not _templated(tokenizer, prompt))["input_ids"])
+
+
+def _first_line(reply: str) -> str:
+    """A plain prompt's reply ends at its first line break (a base model goes on with the next
+    "Question:"; lm-evaluation-harness's short-answer tasks stop there too)."""
+    return reply.strip().split("\n", 1)[0].strip()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -153,9 +173,16 @@ def _device(model):
 
 
 def generate_answers(
-    model, tokenizer, questions: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16, progress: bool = False
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+    prompt: str = "chat",
 ) -> list[str]:
-    """Greedy replies to ``questions``, each asked as one user message through the chat template.
+    """Greedy replies to ``questions``, each asked as one user message through the chat template
+    (``prompt="plain"``: as "Question: ...\nAnswer:", the reply cut at its first line break).
 
     Prompts are batched by length with left padding (the attention mask gives each row its own
     positions, so a batched reply equals the unbatched one). A reply ends at the first
@@ -166,7 +193,7 @@ def generate_answers(
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(tokenizer, eos)
     device = _device(model)
-    encoded = [_encode(tokenizer, chat_prompt(tokenizer, q)) for q in questions]
+    encoded = [_encode(tokenizer, chat_prompt(tokenizer, q, prompt), prompt) for q in questions]
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     replies: list[str] = [""] * len(encoded)
     bar = tqdm(total=len(encoded), desc="generation", unit="q", disable=not progress)
@@ -194,25 +221,28 @@ def generate_answers(
                     new = new[:k]
                     break
             replies[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            if not _templated(tokenizer, prompt):
+                replies[i] = _first_line(replies[i])
         bar.update(len(batch))
     bar.close()
     return replies
 
 
-def _continuation(tokenizer, context: str, context_ids: list[int], choice: str) -> list[int]:
+def _continuation(tokenizer, context: str, context_ids: list[int], choice: str, prompt: str = "chat") -> list[int]:
     """The tokens of ``choice`` following ``context`` (lm-evaluation-harness: encode the whole and
     cut the context's tokens off, so the choice is tokenized as it would be in running text; when the
     whole does not start with the context's tokens, the choice encoded alone)."""
-    whole = _encode(tokenizer, context + choice)
+    whole = _encode(tokenizer, context + choice, prompt)
     if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
         return whole[len(context_ids) :]
     return list(tokenizer(choice, add_special_tokens=False)["input_ids"])
 
 
 def multiple_choice_scores(
-    model, tokenizer, items: Sequence[dict], batch_size: int = 16, progress: bool = False
+    model, tokenizer, items: Sequence[dict], batch_size: int = 16, progress: bool = False, prompt: str = "chat"
 ) -> list[dict]:
-    """Log-likelihood scoring of each item's choices as continuations of its chat-templated question.
+    """Log-likelihood scoring of each item's choices as continuations of its chat-templated question
+    (``prompt="plain"``: of "Question: ...\nAnswer:").
 
     Per item: ``loglik`` (sum of the log-probabilities of each choice's tokens), ``pred`` (argmax of
     ``loglik``), ``pred_norm`` (argmax of ``loglik`` / the choice's length in UTF-8 bytes), and
@@ -224,10 +254,10 @@ def multiple_choice_scores(
     pad = _pad_id(tokenizer, _eos_ids(model, tokenizer))
     requests = []  # (item index, choice index, context ids, continuation ids)
     for n, item in enumerate(items):
-        context = chat_prompt(tokenizer, item["question"])
-        ctx = _encode(tokenizer, context)
+        context = chat_prompt(tokenizer, item["question"], prompt)
+        ctx = _encode(tokenizer, context, prompt)
         for c, choice in enumerate(item["choices"]):
-            requests.append((n, c, ctx, _continuation(tokenizer, context, ctx, choice)))
+            requests.append((n, c, ctx, _continuation(tokenizer, context, ctx, choice, prompt)))
     logliks = [[0.0] * len(item["choices"]) for item in items]
     order = sorted(range(len(requests)), key=lambda r: (-(len(requests[r][2]) + len(requests[r][3])), r))
     bar = tqdm(total=len(requests), desc="multiple choice", unit="choice", disable=not progress)
@@ -302,10 +332,13 @@ def evaluate(
     progress: bool = False,
     generation: Sequence[dict] | None = None,
     multiple_choice: Sequence[dict] | None = None,
+    prompt: str = "chat",
 ) -> dict:
     """Both sets on one model: ``{"generation": [...], "multiple_choice": [...], "summary": {...}}``
     with every question's reply or choice scores (the shipped sets unless ``generation`` /
-    ``multiple_choice`` are given; ``limit`` takes a subset of each, spread over the kinds)."""
+    ``multiple_choice`` are given; ``limit`` takes a subset of each, spread over the kinds;
+    ``prompt``: ``chat`` or ``plain``, see ``chat_prompt``)."""
+    check_prompt(prompt)
     gen_items = list(generation) if generation is not None else load_generation(limit)
     mc_items = list(multiple_choice) if multiple_choice is not None else load_multiple_choice(limit)
     was_training = getattr(model, "training", False)
@@ -318,14 +351,15 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             progress=progress,
+            prompt=prompt,
         )
-        mc = multiple_choice_scores(model, tokenizer, mc_items, batch_size=batch_size, progress=progress)
+        mc = multiple_choice_scores(model, tokenizer, mc_items, batch_size=batch_size, progress=progress, prompt=prompt)
     finally:
         model.train(was_training)
     result = {
         "generation": score_generation(gen_items, replies),
         "multiple_choice": mc,
-        "settings": {"max_new_tokens": max_new_tokens, "limit": limit},
+        "settings": {"max_new_tokens": max_new_tokens, "limit": limit, "prompt": prompt},
     }
     result["summary"] = summarise(result)
     return result

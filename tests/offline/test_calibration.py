@@ -149,23 +149,6 @@ def test_eval_data_reports_each_text(default_model_dir, tmp_path, capsys):
 # -- every window starts as the tokenizer starts a sequence (its BOS, where it adds one) ------------
 
 
-@pytest.fixture(scope="module")
-def bos_tokenizer(default_model_dir):
-    """The embedded model's tokenizer made to add a beginning-of-sequence token, as Llama, Gemma and
-    Mistral tokenizers do (the embedded SmolLM2 tokenizer adds none)."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    bos = tok.convert_tokens_to_ids("<|endoftext|>")
-    tok._tokenizer.post_processor = TemplateProcessing(
-        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos)]
-    )
-    tok.bos_token = "<|endoftext|>"
-    assert tok("hello")["input_ids"][0] == bos and tok("hello", add_special_tokens=False)["input_ids"][0] != bos
-    return tok
-
-
 def test_sequence_start_is_the_bos_of_tokenizers_that_add_one(bos_tokenizer, default_model_dir):
     from transformers import AutoTokenizer
 

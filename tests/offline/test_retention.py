@@ -130,10 +130,11 @@ def test_chat_prompt(tokenizer):
 
 
 # ---------------------------------------------------------------------------------- model passes
-def _hand_loglik(model, tokenizer, question: str, choice: str) -> float:
-    context = R.chat_prompt(tokenizer, question)
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
+def _hand_loglik(model, tokenizer, question: str, choice: str, prompt: str = "chat") -> float:
+    context = R.chat_prompt(tokenizer, question, prompt)
+    special = prompt == "plain"  # a plain prompt starts as the tokenizer starts a sequence (its BOS)
+    ctx = tokenizer(context, add_special_tokens=special)["input_ids"]
+    whole = tokenizer(context + choice, add_special_tokens=special)["input_ids"]
     assert whole[: len(ctx)] == ctx
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
@@ -180,6 +181,37 @@ def test_batched_generation_equals_unbatched(tiny_model, tokenizer):
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     prompt_len = len(tokenizer(R.chat_prompt(tokenizer, questions[0]), add_special_tokens=False)["input_ids"])
     assert single[0] == tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True).strip()
+
+
+def test_plain_prompt_for_base_models(tiny_model, bos_tokenizer):
+    """``prompt="plain"`` (a base model): "Question: ...\nAnswer:" even where the tokenizer has a chat
+    template, started with the tokenizer's BOS, the reply cut at its first line break."""
+    tok = bos_tokenizer
+    assert R.chat_prompt(tok, "Why?", "plain") == "Question: Why?\nAnswer:" != R.chat_prompt(tok, "Why?")
+    with pytest.raises(ValueError, match="prompt 'raw' is not one of"):
+        R.evaluate(tiny_model, tok, limit=1, prompt="raw")
+    assert R._first_line(" \n Paris.\nQuestion: And Spain?") == "Paris."
+
+    questions = [item["question"] for item in R.load_generation(4)]
+    replies = R.generate_answers(tiny_model, tok, questions, max_new_tokens=12, batch_size=4, prompt="plain")
+    eos = R._eos_ids(tiny_model, tok)
+    for question, reply in zip(questions, replies):
+        ids = tok(f"Question: {question}\nAnswer:", return_tensors="pt")["input_ids"]
+        assert int(ids[0, 0]) == tok.bos_token_id
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(12):
+                nxt = tiny_model(ids).logits[0, -1].argmax()
+                if int(nxt) in eos:
+                    break
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        text = tok.decode(ids[0, start:], skip_special_tokens=True)
+        assert reply == text.strip().split("\n")[0].strip() and "\n" not in reply
+
+    items = R.load_multiple_choice()[:2]
+    for item, score in zip(items, R.multiple_choice_scores(tiny_model, tok, items, batch_size=3, prompt="plain")):
+        hand = [_hand_loglik(tiny_model, tok, item["question"], c, prompt="plain") for c in item["choices"]]
+        assert score["loglik"] == pytest.approx(hand, abs=2e-3)
 
 
 def test_evaluate_structure(tiny_model, tokenizer):
@@ -283,3 +315,25 @@ def test_cli_end_to_end(tiny_model, tokenizer, tmp_path):
     again = json.loads(out.read_text())
     assert again["models"]["dense"]["eval_s"] == first and set(again["models"]) == {"dense", "copy"}
     assert not math.isnan(again["total_s"])
+    # --prompt plain is a setting of its own: chat results are not reused for it
+    plain = tmp_path / "plain.json"
+    assert (
+        cli.main(
+            [
+                "--model",
+                f"dense={model_dir}",
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "3",
+                "--out",
+                str(plain),
+                "--prompt",
+                "plain",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(plain.read_text())
+    assert report["settings"]["prompt"] == "plain" and "prompt" not in again["settings"]
+    assert report["models"]["dense"]["settings"]["prompt"] == "plain"
