@@ -371,7 +371,9 @@ def test_full_optimise_is_monotone_and_keeps_the_best_iterate():
 def test_full_objective_on_random_weights_matches_its_stored_layer():
     weights = random_weights((32, 16), 64)
     stats = random_stats(64)
-    results = Armor(block_size=16, objective="full", init="sparsegpt", preset="quick").compress(weights, stats)
+    results = Armor(block_size=16, objective="full", init="sparsegpt", preset="quick", damp=0.01).compress(
+        weights, stats
+    )
     hessian, _ = damped_hessian(stats.hessian(), 0.01)
     for key, result in results.items():
         layer, w = result.layer, weights[key].double()
@@ -404,7 +406,9 @@ def test_full_objective_on_a_real_layer_never_ends_above_its_start(default_model
     objective (the damped H its updates are exact for), matrix by matrix."""
     weights, stats = real_layer_stats(default_model_dir)
     hessian, _ = damped_hessian(stats.hessian(), 0.01)
-    results = Armor(block_size=32, objective="full", init=init, preset="quick", iterations=2).compress(weights, stats)
+    results = Armor(block_size=32, objective="full", init=init, preset="quick", iterations=2, damp=0.01).compress(
+        weights, stats
+    )
     sgpt = {k: sparsegpt_prune(w, stats.hessian(), damp=0.01)[0] for k, w in weights.items()}
     for key, result in results.items():
         w = weights[key].double()
