@@ -172,6 +172,8 @@ RUNS = {
         *["--calib-data", "pydoc", "jargon", "opticks", "licenses", "self-chat", "self-free"],
     ],
     "armor-quick-self": ["--method", "armor", "--preset", "quick", "--calib-data", "self-chat", "self-free"],
+    # the longer preset (the default's pass, then end-to-end distillation on texts and generated chat)
+    "armor-long": ["--method", "armor", "--preset", "long", "--distill-max-seconds", "100000"],
 }
 
 

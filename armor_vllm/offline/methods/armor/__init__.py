@@ -14,8 +14,8 @@ Presets (``preset=``; explicit options override them):
 * ``long``    -- the default's layer-wise pass (on the default's text calibration), then end-to-end
   distillation of the whole model against the dense one (``LONG_EXTRAS``: ``offline.e2e_distill``) on
   windows of its own that mix the dense model's conversations and free generations with the texts
-  (``LONG_E2E_DATA``): about 2x the default's time (29 minutes against 14), for the retention it
-  buys (``BENCHMARKS.md``, section 0: calibrating the layer-wise pass on that mix too measured fewer
+  (``LONG_E2E_DATA``): 2-3.5x the default's time (29-32 minutes on 2 idle cores, against 9-14), for
+  the retention it buys (``BENCHMARKS.md``, section 0: calibrating the layer-wise pass on that mix too measured fewer
   answers). Every extra can be overridden.
 * ``paper``   -- the reference implementation's schedule as near as feasible: 3000 iterations of one
   Adam step (lr 1e-4) on ``A``, ``B`` and the kept values of ``S`` followed by one discrete step with
