@@ -132,7 +132,7 @@ def _templated(tokenizer, prompt: str) -> bool:
 
 def chat_prompt(tokenizer, question: str, prompt: str = "chat") -> str:
     """``question`` as one user message through the tokenizer's chat template, ready for the
-    assistant's reply; a plain "Question: ...\nAnswer:" with ``prompt="plain"`` (for a base model,
+    assistant's reply; a plain "Question: ...\\nAnswer:" with ``prompt="plain"`` (for a base model,
     which was never tuned to a template) or for a tokenizer without a template."""
     if _templated(tokenizer, prompt):
         return tokenizer.apply_chat_template(
@@ -182,7 +182,7 @@ def generate_answers(
     prompt: str = "chat",
 ) -> list[str]:
     """Greedy replies to ``questions``, each asked as one user message through the chat template
-    (``prompt="plain"``: as "Question: ...\nAnswer:", the reply cut at its first line break).
+    (``prompt="plain"``: as "Question: ...\\nAnswer:", the reply cut at its first line break).
 
     Prompts are batched by length with left padding (the attention mask gives each row its own
     positions, so a batched reply equals the unbatched one). A reply ends at the first
@@ -242,7 +242,7 @@ def multiple_choice_scores(
     model, tokenizer, items: Sequence[dict], batch_size: int = 16, progress: bool = False, prompt: str = "chat"
 ) -> list[dict]:
     """Log-likelihood scoring of each item's choices as continuations of its chat-templated question
-    (``prompt="plain"``: of "Question: ...\nAnswer:").
+    (``prompt="plain"``: of "Question: ...\\nAnswer:").
 
     Per item: ``loglik`` (sum of the log-probabilities of each choice's tokens), ``pred`` (argmax of
     ``loglik``), ``pred_norm`` (argmax of ``loglik`` / the choice's length in UTF-8 bytes), and
