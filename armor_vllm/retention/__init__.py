@@ -17,6 +17,8 @@ project (evaluation data only: never calibration or distillation input, see ``qu
 ``compare`` turns per-model results into retention figures against a reference (the dense model):
 the share of the dense model's correct answers a compressed model keeps, agreement with the dense
 model's reply, and multiple-choice accuracy kept above chance. ``benchmarks/retention.py`` is the CLI.
+A base model (no chat tuning) is asked with ``prompt="plain"`` instead: "Question: ...\\nAnswer:"
+for both sets, the reply cut at its first line break.
 
 torch and transformers are imported inside the functions that need them.
 """
