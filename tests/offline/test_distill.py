@@ -168,6 +168,7 @@ def test_armor_defaults_distil_and_target_the_dense_model(tiny_model_dir, tmp_pa
     assert resolved(output_target="layer", distill_target="layer") == (True, "layer", "layer")  # explicit wins
     assert resolved(order="dense") == (True, None, None)  # both paths are the dense model's there
     assert resolved("wanda") == (None, None, None)  # baselines stay as published
+
     def damp(method="armor", **method_options):
         opts = OfflineOptions(model="m", output="o", method=method, method_options=method_options)
         return _with_armor_defaults(opts).method_options.get("damp")
